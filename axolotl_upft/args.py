@@ -1,0 +1,69 @@
+"""The `upft:` config block: one pydantic model, every field documented once."""
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+REFERENCE_INSTRUCTION = (
+    "Please provide the initial step towards resolving the question. "
+    "This step may serve as a foundation but might not encompass the entire solution."
+)
+
+
+class SamplingConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    temperature: float = Field(0.6, ge=0.0, description="Sampling temperature; 0 means greedy.")
+    top_p: float | None = Field(
+        None, gt=0.0, le=1.0, description="Nucleus sampling; null takes the model's generation config."
+    )
+    top_k: int | None = Field(
+        None, ge=0, description="Top-k sampling; null takes the model's generation config."
+    )
+    max_new_tokens: int = Field(
+        1024, ge=1, description="Length limit of full (structure) traces; prefixes stop at prefix_length."
+    )
+    batch_size: int = Field(32, ge=1, description="Questions generated together.")
+
+
+class UPFTConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    prefix_length: int = Field(32, ge=1, description="k: generated tokens kept for prefix samples.")
+    structure_ratio: float = Field(
+        0.1, ge=0.0, le=1.0, description="p: share of questions that keep their full trace."
+    )
+    prefix_instruction: str | None = Field(
+        REFERENCE_INSTRUCTION,
+        description="Appended to the user turn of prefix samples; null or '' for none.",
+    )
+    prefix_eos: bool = Field(True, description="End prefix samples with EOS, inside the loss.")
+    question_field: str | None = Field(
+        None,
+        description="Column holding the question; null auto-detects question, problem, prompt, "
+        "instruction, or the first user turn of messages.",
+    )
+    question_template: str | None = Field(
+        None, description='Format string over the row\'s fields, e.g. "{Body} {Question}".'
+    )
+    system_prompt: str | None = Field(None, description="System turn of every prompt; null for none.")
+    seed: int = Field(42, description="Seeds the structure split and the sampling.")
+    sampling: SamplingConfig = Field(default_factory=SamplingConfig)
+    cache_dir: str | None = Field(
+        None, description="Where samples are kept; null puts them in <dataset_prepared_path>/upft_samples."
+    )
+
+    @model_validator(mode="after")
+    def _one_question_source(self):
+        if self.question_field is not None and self.question_template is not None:
+            raise ValueError(
+                "upft: set question_field or question_template, not both "
+                "(the template can name the field: question_template: '{" + self.question_field + "}')"
+            )
+        return self
+
+
+class UPFTArgs(BaseModel):
+    """Axolotl input args added by the plugin."""
+
+    upft: UPFTConfig | None = Field(None, description="Unsupervised Prefix Fine-Tuning settings.")

@@ -1,0 +1,134 @@
+"""Sample cache: generated token ids on disk, keyed by everything that changes them.
+
+Layout of one run, `<cache_dir>/<key>/`:
+  meta.json          what the key was made of (for people; written first)
+  part-<hash>-<n>.jsonl  one finished batch of n questions: a header line, then one record per question
+  summary.json       written last: its presence means every question has its sample
+Every file is written to a temp name and renamed, so a killed run leaves only whole files.
+"""
+
+import hashlib
+import json
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+FORMAT = "axolotl-upft-samples/1"
+TMP_PREFIX = ".tmp-"
+
+
+def digest(value) -> str:
+    """Stable sha256 over a JSON-able value."""
+    text = json.dumps(value, sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def ids_digest(ids: list[int]) -> str:
+    return hashlib.sha256(json.dumps(ids, separators=(",", ":")).encode()).hexdigest()[:16]
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=TMP_PREFIX, dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as handle:
+            handle.write(text)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+@dataclass
+class Record:
+    index: int
+    kind: str
+    prompt_digest: str
+    ids: list[int]
+    stopped: bool
+
+
+class SampleCache:
+    """One run's samples: which questions are done, and atomic writes of new batches."""
+
+    def __init__(self, root: str | os.PathLike, key: str, meta: dict):
+        self.key = key
+        self.dir = Path(root) / key[:16]
+        self.meta = meta
+
+    @property
+    def summary_path(self) -> Path:
+        return self.dir / "summary.json"
+
+    def is_complete(self) -> bool:
+        return self.summary_path.exists()
+
+    def open(self) -> None:
+        meta_path = self.dir / "meta.json"
+        if meta_path.exists():
+            found = self._read_json(meta_path)
+            if found.get("key") != self.key:
+                raise RuntimeError(
+                    f"{meta_path} belongs to another sampling run (key {found.get('key')!r}, expected "
+                    f"{self.key!r}). Point upft.cache_dir elsewhere or delete {self.dir}."
+                )
+        else:
+            atomic_write_text(meta_path, json.dumps({"format": FORMAT, "key": self.key, **self.meta}, indent=2))
+
+    def load(self) -> dict[int, Record]:
+        records: dict[int, Record] = {}
+        if not self.dir.exists():
+            return records
+        for path in sorted(self.dir.glob("part-*.jsonl")):
+            for record in self._read_part(path):
+                records.setdefault(record.index, record)
+        return records
+
+    def write_part(self, records: list[Record]) -> Path:
+        name = digest(sorted(r.index for r in records))[:20]
+        lines = [json.dumps({"format": FORMAT, "key": self.key, "count": len(records)})]
+        lines += [
+            json.dumps({"i": r.index, "kind": r.kind, "q": r.prompt_digest, "ids": r.ids, "stop": r.stopped})
+            for r in records
+        ]
+        path = self.dir / f"part-{name}-{len(records)}.jsonl"
+        atomic_write_text(path, "\n".join(lines) + "\n")
+        return path
+
+    def count_done(self) -> int:
+        """Questions sampled so far by any rank, read from the file names alone."""
+        return sum(int(p.stem.rsplit("-", 1)[1]) for p in self.dir.glob("part-*.jsonl"))
+
+    def write_summary(self, summary: dict) -> None:
+        atomic_write_text(self.summary_path, json.dumps({"key": self.key, **summary}, indent=2))
+
+    def _read_json(self, path: Path) -> dict:
+        try:
+            return json.loads(path.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as err:
+            raise RuntimeError(f"{path} is corrupt ({err}). Delete it; its samples will be redrawn.") from None
+
+    def _read_part(self, path: Path) -> list[Record]:
+        try:
+            lines = path.read_text().splitlines()
+            header = json.loads(lines[0]) if lines else {}
+            rows = [json.loads(line) for line in lines[1:]]
+        except (json.JSONDecodeError, UnicodeDecodeError) as err:
+            raise RuntimeError(f"{path} is corrupt ({err}). Delete it; its samples will be redrawn.") from None
+        if header.get("format") != FORMAT or header.get("key") != self.key:
+            raise RuntimeError(
+                f"{path} is not a sample file of this run (header {header!r}, expected key {self.key!r}). "
+                f"Remove it from {self.dir}."
+            )
+        if header.get("count") != len(rows):
+            raise RuntimeError(
+                f"{path} holds {len(rows)} records but says {header.get('count')}. "
+                "Delete it; its samples will be redrawn."
+            )
+        try:
+            return [Record(r["i"], r["kind"], r["q"], r["ids"], r["stop"]) for r in rows]
+        except KeyError as err:
+            raise RuntimeError(f"{path}: a record lacks {err}. Delete it; its samples will be redrawn.") from None

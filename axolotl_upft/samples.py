@@ -1,0 +1,209 @@
+"""From data rows to cached samples: validate every question, plan batches, sample what is missing."""
+
+import json
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Iterable
+
+from tqdm.auto import tqdm
+
+from .args import UPFTConfig
+from .cache import Record, SampleCache, digest, ids_digest
+from .prompts import chat_messages, check_tokenizer, question_text, render_prompt_ids
+from .rows import FULL, PREFIX, question_kinds
+
+LOG = logging.getLogger(__name__)
+RFT_SAMPLES = 16
+
+
+@dataclass(frozen=True)
+class Question:
+    index: int
+    text: str
+    prompt_ids: list[int]
+    kind: str
+
+
+def prepare_questions(rows: Iterable[dict], tokenizer, upft: UPFTConfig) -> list[Question]:
+    """Every question found, rendered and split before any sampling, so bad rows fail first."""
+    check_tokenizer(tokenizer)
+    texts = [
+        question_text(row, i, field=upft.question_field, template=upft.question_template)
+        for i, row in enumerate(rows)
+    ]
+    if not texts:
+        raise ValueError("the `type: upft` dataset has no rows; point `path:` at a file of questions.")
+    kinds = question_kinds(len(texts), upft.structure_ratio, upft.seed)
+    return [
+        Question(i, text, render_prompt_ids(tokenizer, chat_messages(text, upft.system_prompt)), kind)
+        for i, (text, kind) in enumerate(zip(texts, kinds))
+    ]
+
+
+def stop_ids(tokenizer, generation_config: dict) -> frozenset[int]:
+    eos = generation_config.get("eos_token_id")
+    eos = eos if isinstance(eos, list) else [eos]
+    return frozenset(i for i in [tokenizer.eos_token_id, *eos] if i is not None)
+
+
+def read_generation_config(base_model: str) -> dict:
+    """The model's own generation_config.json, read raw: unset keys stay unset (as vLLM reads it)."""
+    local = Path(base_model) / "generation_config.json"
+    if local.exists():
+        return json.loads(local.read_text())
+    try:
+        from huggingface_hub import hf_hub_download
+
+        return json.loads(Path(hf_hub_download(base_model, "generation_config.json")).read_text())
+    except Exception as err:  # noqa: BLE001 - any hub/IO failure means "no generation config"
+        LOG.info("UPFT: no generation_config.json for %s (%s); using sampler defaults", base_model, err)
+        return {}
+
+
+def model_fingerprint(base_model: str) -> dict:
+    """Identity of the sampling model without reading its weights: path, config, weight files."""
+    path = Path(base_model)
+    if not path.is_dir():
+        return {"name": base_model}
+    files = sorted(p for p in path.iterdir() if p.suffix in {".safetensors", ".bin", ".json"})
+    return {
+        "path": str(path.resolve()),
+        "files": [[p.name, p.stat().st_size, int(p.stat().st_mtime)] for p in files],
+    }
+
+
+def sampling_settings(upft: UPFTConfig, generation_config: dict) -> dict:
+    s = upft.sampling
+    return {
+        "temperature": s.temperature,
+        "top_p": s.top_p if s.top_p is not None else generation_config.get("top_p", 1.0),
+        "top_k": s.top_k if s.top_k is not None else generation_config.get("top_k", 0),
+        "max_new_tokens": s.max_new_tokens,
+    }
+
+
+def open_cache(
+    cache_root: str, base_model: str, tokenizer, upft: UPFTConfig, questions: list[Question]
+) -> tuple[SampleCache, dict, frozenset[int]]:
+    generation_config = read_generation_config(base_model)
+    settings = sampling_settings(upft, generation_config)
+    stops = stop_ids(tokenizer, generation_config)
+    meta = {
+        "model": model_fingerprint(base_model),
+        "tokenizer": [tokenizer.name_or_path, len(tokenizer), tokenizer.eos_token_id],
+        "sampling": settings,
+        "stop_ids": sorted(stops),
+        "seed": upft.seed,
+        "prefix_length": upft.prefix_length,
+        "structure_ratio": upft.structure_ratio,
+        "questions": len(questions),
+        "questions_digest": digest([[q.kind, ids_digest(q.prompt_ids)] for q in questions]),
+    }
+    cache = SampleCache(cache_root, digest(meta), meta)
+    cache.open()
+    return cache, settings, stops
+
+
+def plan_batches(missing: list[Question], batch_size: int) -> list[list[Question]]:
+    """Prefix and full questions apart (a prefix batch stops at k), length-sorted to cut padding."""
+    batches = []
+    for kind in (PREFIX, FULL):
+        group = sorted((q for q in missing if q.kind == kind), key=lambda q: (len(q.prompt_ids), q.index))
+        batches += [group[i : i + batch_size] for i in range(0, len(group), batch_size)]
+    return batches
+
+
+def batch_seed(seed: int, batch: list[Question]) -> int:
+    return int(digest([seed, [q.index for q in batch]])[:8], 16)
+
+
+def sample_questions(
+    questions: list[Question],
+    cache: SampleCache,
+    *,
+    upft: UPFTConfig,
+    settings: dict,
+    stops: frozenset[int],
+    load_model: Callable[[], object],
+    pad_id: int,
+    rank: int = 0,
+    world_size: int = 1,
+    barrier: Callable[[], None] = lambda: None,
+) -> dict[int, Record]:
+    """Sample every question the cache lacks (this rank's share of batches); return all records."""
+    from .sampler import generate_batch
+
+    done = cache.load()
+    check_records(done, questions, cache)
+    barrier()
+    missing = [q for q in questions if q.index not in done]
+    batches = plan_batches(missing, upft.sampling.batch_size)
+    mine = batches[rank::world_size]
+    started, new_tokens = time.perf_counter(), 0
+    if mine:
+        LOG.info(
+            "UPFT: sampling %d of %d questions (%d cached) in %d batches on rank %d/%d",
+            sum(map(len, mine)), len(questions), len(done), len(mine), rank, world_size,
+        )
+        model = load_model()
+        bar = tqdm(total=len(missing), desc="UPFT sampling", unit="q", disable=rank != 0)
+        for batch in mine:
+            limit = upft.prefix_length if batch[0].kind == PREFIX else settings["max_new_tokens"]
+            outputs = generate_batch(
+                model,
+                [q.prompt_ids for q in batch],
+                max_new_tokens=limit,
+                stop_ids=stops,
+                pad_id=pad_id,
+                temperature=settings["temperature"],
+                top_p=settings["top_p"],
+                top_k=settings["top_k"],
+                seed=batch_seed(upft.seed, batch),
+            )
+            records = [
+                Record(q.index, q.kind, ids_digest(q.prompt_ids), ids, stopped)
+                for q, (ids, stopped) in zip(batch, outputs)
+            ]
+            cache.write_part(records)
+            new_tokens += sum(len(r.ids) for r in records)
+            bar.update(max(0, cache.count_done() - len(done) - bar.n))
+            bar.set_postfix(tok_s=f"{new_tokens / (time.perf_counter() - started):.0f}")
+        bar.close()
+        del model
+    barrier()
+    records = cache.load()
+    if len(records) < len(questions):
+        raise RuntimeError(f"UPFT: {len(questions) - len(records)} questions have no sample in {cache.dir}")
+    if rank == 0 and not cache.is_complete():
+        cache.write_summary(summarize(questions, records, time.perf_counter() - started, new_tokens))
+    barrier()
+    return records
+
+
+def check_records(done: dict[int, Record], questions: list[Question], cache: SampleCache) -> None:
+    for index, record in done.items():
+        if index >= len(questions) or record.prompt_digest != ids_digest(questions[index].prompt_ids):
+            raise RuntimeError(
+                f"{cache.dir}: the cached sample of question {index} was drawn for another prompt. "
+                f"Delete {cache.dir} to sample again."
+            )
+
+
+def summarize(questions: list[Question], records: dict[int, Record], seconds: float, new_tokens: int) -> dict:
+    full = [r for r in records.values() if r.kind == FULL]
+    total = sum(len(r.ids) for r in records.values())
+    mean_full = sum(len(r.ids) for r in full) / len(full) if full else None
+    rft = round(RFT_SAMPLES * mean_full * len(questions)) if mean_full else None
+    return {
+        "questions": len(questions),
+        "prefix": len(records) - len(full),
+        "full": len(full),
+        "tokens_generated": total,
+        "tokens_generated_this_run": new_tokens,
+        "wall_seconds_this_run": round(seconds, 3),
+        "tokens_per_second": round(new_tokens / seconds, 1) if seconds > 0 and new_tokens else None,
+        "rft16_equivalent_tokens": rft,
+        "saving_vs_rft16_percent": round(100 * (1 - total / rft), 2) if rft else None,
+    }
