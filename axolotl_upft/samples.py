@@ -2,6 +2,7 @@
 
 import json
 import logging
+import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,6 +17,44 @@ from .rows import FULL, PREFIX, question_kinds
 
 LOG = logging.getLogger(__name__)
 RFT_SAMPLES = 16
+
+
+@dataclass
+class Distributed:
+    """This process's share of the sampling: rank, world size and a barrier over ranks."""
+
+    rank: int = 0
+    world_size: int = 1
+    group_initialized: bool = False
+
+    @classmethod
+    def from_env(cls) -> "Distributed":
+        world_size = int(os.environ.get("WORLD_SIZE", 1))
+        if world_size == 1:
+            return cls()
+        import torch
+        import torch.distributed as dist
+
+        if not dist.is_initialized():
+            dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+        return cls(dist.get_rank(), dist.get_world_size(), True)
+
+    def barrier(self) -> None:
+        if self.world_size > 1:
+            import torch.distributed as dist
+
+            dist.barrier()
+
+    def close(self) -> None:
+        if self.group_initialized:
+            import torch.distributed as dist
+
+            dist.destroy_process_group()
+
+
+# Set by `axolotl-upft sample`; `preprocess`/`train` sample on one process (Axolotl locks data prep).
+DISTRIBUTED = Distributed()
+LAST_SUMMARIES: list[dict] = []
 
 
 @dataclass(frozen=True)
@@ -128,12 +167,11 @@ def sample_questions(
     stops: frozenset[int],
     load_model: Callable[[], object],
     pad_id: int,
-    rank: int = 0,
-    world_size: int = 1,
-    barrier: Callable[[], None] = lambda: None,
 ) -> dict[int, Record]:
     """Sample every question the cache lacks (this rank's share of batches); return all records."""
     from .sampler import generate_batch
+
+    rank, world_size, barrier = DISTRIBUTED.rank, DISTRIBUTED.world_size, DISTRIBUTED.barrier
 
     done = cache.load()
     check_records(done, questions, cache)
@@ -176,8 +214,11 @@ def sample_questions(
     records = cache.load()
     if len(records) < len(questions):
         raise RuntimeError(f"UPFT: {len(questions) - len(records)} questions have no sample in {cache.dir}")
-    if rank == 0 and not cache.is_complete():
-        cache.write_summary(summarize(questions, records, time.perf_counter() - started, new_tokens))
+    if rank == 0:
+        if not cache.is_complete():
+            new = sum(len(r.ids) for i, r in records.items() if i not in done)
+            cache.write_summary(summarize(questions, records, time.perf_counter() - started, new))
+        LAST_SUMMARIES.append(json.loads(cache.summary_path.read_text()))
     barrier()
     return records
 
