@@ -49,6 +49,11 @@ class UPFTConfig(BaseModel):
     system_prompt: str | None = Field(None, description="System turn of every prompt; null for none.")
     seed: int = Field(42, description="Seeds the structure split and the sampling.")
     sampling: SamplingConfig = Field(default_factory=SamplingConfig)
+    loss_normalization: Literal["sample", "token"] = Field(
+        "sample",
+        description="sample: every row weighs the same (mean of row means, as the reference's micro-batch 1); "
+        "token: Axolotl's mean over all trained tokens.",
+    )
     cache_dir: str | None = Field(
         None, description="Where samples are kept; null puts them in <dataset_prepared_path>/upft_samples."
     )

@@ -29,13 +29,22 @@ def default_cache_dir(cfg) -> str:
     return str(Path(cfg.get("dataset_prepared_path") or "last_run_prepared") / "upft_samples")
 
 
-def fit_to_length(row: Row, sequence_len: int, prompt_len: int, index: int) -> Row:
-    if prompt_len >= sequence_len:
-        raise ValueError(
-            f"row {index}: its prompt is {prompt_len} tokens, not shorter than sequence_len={sequence_len}, "
-            "so no response token would be trained. Raise `sequence_len`, shorten the question, or drop the row."
-        )
-    return Row(row.input_ids[:sequence_len], row.labels[:sequence_len], row.kind)
+def training_prompts(questions, tokenizer, upft: UPFTConfig, sequence_len: int) -> list[list[int]]:
+    """Prompt ids each row trains on (prefix rows carry the instruction), checked before any sampling."""
+    instruction = upft.prefix_instruction or None
+    prompts = [
+        q.prompt_ids
+        if q.kind == FULL or not instruction
+        else render_prompt_ids(tokenizer, chat_messages(q.text, upft.system_prompt, instruction))
+        for q in questions
+    ]
+    for q, prompt in zip(questions, prompts):
+        if len(prompt) >= sequence_len:
+            raise ValueError(
+                f"row {q.index}: its prompt is {len(prompt)} tokens, not shorter than sequence_len={sequence_len}, "
+                "so no response token would be trained. Raise `sequence_len`, shorten the question, or drop the row."
+            )
+    return prompts
 
 
 class UPFTDatasetStrategy(DatasetWrappingStrategy):
@@ -58,7 +67,9 @@ class UPFTDatasetStrategy(DatasetWrappingStrategy):
 def build_rows(dataset, tokenizer, cfg, upft: UPFTConfig) -> list[Row]:
     from .sampler import load_model, sampling_device
 
+    sequence_len = cfg.get("sequence_len") or 2048
     questions = prepare_questions(dataset, tokenizer, upft)
+    prompts = training_prompts(questions, tokenizer, upft, sequence_len)
     cache, settings, stops = open_cache(
         upft.cache_dir or default_cache_dir(cfg), cfg.base_model, tokenizer, upft, questions
     )
@@ -73,29 +84,23 @@ def build_rows(dataset, tokenizer, cfg, upft: UPFTConfig) -> list[Row]:
         pad_id=pad_id,
     )
     train_on_inputs = bool(cfg.get("train_on_inputs"))
-    sequence_len = cfg.get("sequence_len") or 2048
-    instruction = upft.prefix_instruction or None
     rows, cut, unfinished = [], 0, 0
-    for q in questions:
-        generated = records[q.index].ids
+    for q, prompt in zip(questions, prompts):
+        record = records[q.index]
         if q.kind == FULL:
-            unfinished += not records[q.index].stopped
-            row = full_row(q.prompt_ids, generated, stop_ids=stops, train_on_inputs=train_on_inputs)
-            prompt_len = len(q.prompt_ids)
+            unfinished += not record.stopped
+            row = full_row(prompt, record.ids, stop_ids=stops, train_on_inputs=train_on_inputs)
         else:
-            prompt = render_prompt_ids(tokenizer, chat_messages(q.text, upft.system_prompt, instruction))
             row = prefix_row(
                 prompt,
-                generated,
+                record.ids,
                 prefix_length=upft.prefix_length,
                 stop_ids=stops,
                 eos_token_id=tokenizer.eos_token_id if upft.prefix_eos else None,
                 train_on_inputs=train_on_inputs,
             )
-            prompt_len = len(prompt)
-        fitted = fit_to_length(row, sequence_len, prompt_len, q.index)
-        cut += len(fitted.input_ids) < len(row.input_ids)
-        rows.append(fitted)
+        cut += len(row.input_ids) > sequence_len
+        rows.append(Row(row.input_ids[:sequence_len], row.labels[:sequence_len], row.kind))
     full = sum(r.kind == FULL for r in rows)
     LOG.info(
         "UPFT: %d rows (%d prefix with k=%d, %d full), %d trained tokens; samples in %s",

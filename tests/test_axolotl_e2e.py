@@ -1,0 +1,118 @@
+"""Real `axolotl preprocess` / `axolotl train` with the plugin, on a tiny random Llama built offline."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+pytestmark = pytest.mark.slow
+IGNORE = -100
+
+
+def axolotl(command: str, config: Path, *extra: str) -> str:
+    env = dict(os.environ, PATH=f"{Path(sys.executable).parent}:{os.environ['PATH']}")
+    done = subprocess.run(
+        [sys.executable, "-m", "axolotl.cli.main", command, str(config), *extra],
+        cwd=config.parent, env=env, capture_output=True, text=True, timeout=600,
+    )
+    log = done.stdout + done.stderr
+    assert done.returncode == 0, log[-4000:]
+    return log
+
+
+def write_config(tmp: Path, model: Path, questions: list[dict], **overrides) -> Path:
+    data = tmp / "questions.jsonl"
+    data.write_text("".join(json.dumps({"question": q["question"]}) + "\n" for q in questions[:24]))
+    cfg = {
+        "base_model": str(model),
+        "plugins": ["axolotl_upft.UPFTPlugin"],
+        "upft": {"prefix_length": 6, "structure_ratio": 0.25, "sampling": {"max_new_tokens": 16, "batch_size": 8}},
+        "datasets": [{"path": str(data), "type": "upft"}],
+        "dataset_prepared_path": str(tmp / "prepared"),
+        "output_dir": str(tmp / "out"),
+        "sequence_len": 256,
+        "sample_packing": True,
+        "micro_batch_size": 2,
+        "gradient_accumulation_steps": 1,
+        "max_steps": 2,
+        "learning_rate": 1e-3,
+        "optimizer": "adamw_torch",
+        "lr_scheduler": "constant",
+        "adapter": "lora",
+        "lora_r": 4,
+        "lora_alpha": 8,
+        "lora_target_linear": True,
+        "bf16": False,
+        "fp16": False,
+        "lora_mlp_kernel": False,
+        "lora_qkv_kernel": False,
+        "lora_o_kernel": False,
+        "save_strategy": "no",
+    } | overrides
+    path = tmp / "cfg.yml"
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+def prepared_rows(tmp: Path) -> tuple[Path, list[dict]]:
+    from datasets import load_from_disk
+
+    (prepared,) = [p for p in (tmp / "prepared").iterdir() if p.is_dir() and p.name != "upft_samples"]
+    return prepared, list(load_from_disk(str(prepared)))
+
+
+def assert_mask_rules(rows: list[dict], tokenizer, k: int) -> None:
+    header = tokenizer.convert_tokens_to_ids(["<|im_start|>", "assistant"])
+    for row in rows:
+        ids, labels = row["input_ids"], row["labels"]
+        start = next(i for i in range(len(ids)) if ids[i : i + 2] == header) + 2
+        assert labels[:start] == [IGNORE] * start, "every prompt token is masked"
+        assert labels[start:] == ids[start:], "every response token is trained on"
+    prefix = [r for r in rows if len([t for t in r["labels"] if t != IGNORE]) <= k + 1]
+    assert prefix and all(r["input_ids"][-1] == tokenizer.eos_token_id for r in prefix)
+
+
+@pytest.mark.parametrize("packing", [True, False], ids=["packed", "unpacked"])
+def test_preprocess_then_train_with_the_plugin(packing, tmp_path, tiny_model, tiny_tokenizer, questions):
+    config = write_config(tmp_path, tiny_model, questions, sample_packing=packing)
+    log = axolotl("preprocess", config, "--debug")
+    assert "UPFT sampling" in log
+    assert "assistant(-100," in log and "<|im_end|>(3, 3)" in log, "--debug shows the masked prompt and trained EOS"
+    _, rows = prepared_rows(tmp_path)
+    assert len(rows) == 24
+    assert_mask_rules(rows, tiny_tokenizer, k=6)
+    assert ("position_ids" in rows[0]) == packing
+
+    log = axolotl("train", config)
+    assert "UPFT sampling" not in log, "train reuses the prepared rows: nothing is sampled twice"
+    assert "train_loss" in log
+    assert (tmp_path / "out" / "adapter_model.safetensors").exists()
+
+
+def test_changing_an_upft_setting_makes_a_new_prepared_dataset(tmp_path, tiny_model, questions):
+    config = write_config(tmp_path, tiny_model, questions)
+    axolotl("preprocess", config)
+    first, _ = prepared_rows(tmp_path)
+    cfg = yaml.safe_load(config.read_text())
+    cfg["upft"]["prefix_eos"] = False
+    cfg["plugins"] = ["upft.UPFTPlugin"]
+    config.write_text(yaml.safe_dump(cfg))
+    log = axolotl("preprocess", config)
+    prepared = sorted(p.name for p in (tmp_path / "prepared").iterdir() if p.is_dir() and p.name != "upft_samples")
+    assert len(prepared) == 2 and first.name in prepared
+    assert "UPFT sampling" not in log, "prefix_eos does not change the samples: the sample cache serves them"
+
+
+def test_a_plugin_that_fails_to_import_stops_the_run(tmp_path, tiny_model, questions):
+    config = write_config(tmp_path, tiny_model, questions, plugins=["axolotl_upft.NoSuchPlugin"])
+    env = dict(os.environ, PATH=f"{Path(sys.executable).parent}:{os.environ['PATH']}")
+    done = subprocess.run(
+        [sys.executable, "-m", "axolotl.cli.main", "preprocess", str(config)],
+        env=env, capture_output=True, text=True, timeout=300,
+    )
+    assert done.returncode != 0
+    assert "NoSuchPlugin" in done.stdout + done.stderr
