@@ -39,7 +39,7 @@ demo: demo-model
 	@start=$$(date +%s); \
 	axolotl preprocess $(DEMO_CFG) && \
 	axolotl train $(DEMO_CFG) && \
-	$(PY) -m axolotl_upft.demo_report $(DEMO_CFG) $$start
+	axolotl-upft report $(DEMO_CFG) --started $$start
 
 clean:
 	rm -rf $(VENV) models runs

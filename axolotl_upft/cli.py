@@ -71,5 +71,22 @@ def sample_command(config):
 
 main.add_command(sample_command, name="sample")
 
+
+@main.command("report")
+@click.argument("config", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.option("--started", type=float, default=None, help="Epoch seconds the run started (prints wall time).")
+def report_command(config, started):
+    """Where a run's samples, prepared rows and outputs went, with token counts."""
+    import time
+
+    import yaml
+
+    from .report import run_report
+
+    report = run_report(yaml.safe_load(config.read_text()))
+    if started is not None:
+        report["wall_seconds"] = round(time.time() - started, 1)
+    click.echo(json.dumps(report, indent=2))
+
 if __name__ == "__main__":
     main()
