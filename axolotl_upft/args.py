@@ -23,7 +23,13 @@ class SamplingConfig(BaseModel):
     max_new_tokens: int = Field(
         1024, ge=1, description="Length limit of full (structure) traces; prefixes stop at prefix_length."
     )
-    batch_size: int = Field(32, ge=1, description="Questions generated together.")
+    batch_size: int | None = Field(
+        None, ge=1, description="Questions generated together; null: 256 on a GPU, 16 on CPU (halved on OOM)."
+    )
+    backend: Literal["auto", "hf", "vllm"] = Field(
+        "auto", description="auto: vllm when it is installed and a GPU is present, else hf (transformers)."
+    )
+    tensor_parallel_size: int = Field(1, ge=1, description="GPUs per vLLM engine (vllm backend only).")
 
 
 class UPFTConfig(BaseModel):

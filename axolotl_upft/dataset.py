@@ -65,7 +65,7 @@ class UPFTDatasetStrategy(DatasetWrappingStrategy):
 
 
 def build_rows(dataset, tokenizer, cfg, upft: UPFTConfig) -> list[Row]:
-    from .sampler import load_model, sampling_device
+    from .sampler import load_sampler
 
     sequence_len = cfg.get("sequence_len") or 2048
     questions = prepare_questions(dataset, tokenizer, upft)
@@ -80,7 +80,7 @@ def build_rows(dataset, tokenizer, cfg, upft: UPFTConfig) -> list[Row]:
         upft=upft,
         settings=settings,
         stops=stops,
-        load_model=lambda: load_model(cfg.base_model, sampling_device()),
+        load_model=lambda: load_sampler(cfg.base_model, upft.sampling.backend, upft.sampling.tensor_parallel_size),
         pad_id=pad_id,
     )
     train_on_inputs = bool(cfg.get("train_on_inputs"))

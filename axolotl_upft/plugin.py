@@ -23,6 +23,29 @@ class UPFTPlugin(BasePlugin):
         missing = tuple(k for k in HASHED_CFG_KEYS if k not in shared.DATASET_HASH_CONFIG_EXTRA_FIELDS)
         shared.DATASET_HASH_CONFIG_EXTRA_FIELDS = shared.DATASET_HASH_CONFIG_EXTRA_FIELDS + missing
 
+    def get_trainer_cls(self, cfg):
+        """`upft.loss_normalization: sample` (the default): every row weighs the same, as at micro-batch 1."""
+        if cfg.get("upft") is None or cfg.rl or cfg.reward_model or cfg.process_reward_model:
+            return None
+        from .dataset import upft_config
+
+        upft = upft_config(cfg)
+        if upft.loss_normalization == "token":
+            return None
+        if (cfg.context_parallel_size or 1) > 1 or (cfg.tensor_parallel_size or 1) > 1:
+            raise ValueError(
+                "upft.loss_normalization: sample needs whole rows on each rank: drop context_parallel_size / "
+                "tensor_parallel_size or set upft.loss_normalization: token"
+            )
+        from axolotl.core.trainers.base import AxolotlTrainer
+        from axolotl.utils.import_helper import get_cls_from_module_str
+
+        from .loss import sample_normalized_trainer
+
+        # Axolotl's own SFT choice (core/builders/causal.py): cfg.trainer_cls, else AxolotlTrainer.
+        base = get_cls_from_module_str(cfg.trainer_cls) if cfg.trainer_cls else AxolotlTrainer
+        return sample_normalized_trainer(base, prefix_length=upft.prefix_length)
+
 
 def plugin_is_registered() -> bool:
     return any(isinstance(p, UPFTPlugin) for p in PluginManager.get_instance().plugins.values())

@@ -169,7 +169,7 @@ def sample_questions(
     pad_id: int,
 ) -> dict[int, Record]:
     """Sample every question the cache lacks (this rank's share of batches); return all records."""
-    from .sampler import generate_batch
+    from .sampler import resolve_backend, resolve_batch_size
 
     rank, world_size, barrier = DISTRIBUTED.rank, DISTRIBUTED.world_size, DISTRIBUTED.barrier
 
@@ -177,7 +177,8 @@ def sample_questions(
     check_records(done, questions, cache)
     barrier()
     missing = [q for q in questions if q.index not in done]
-    batches = plan_batches(missing, upft.sampling.batch_size)
+    batch_size = resolve_batch_size(upft.sampling.batch_size, resolve_backend(upft.sampling.backend))
+    batches = plan_batches(missing, batch_size)
     mine = batches[rank::world_size]
     started, new_tokens = time.perf_counter(), 0
     if mine:
@@ -189,8 +190,7 @@ def sample_questions(
         bar = tqdm(total=len(missing), desc="UPFT sampling", unit="q", disable=rank != 0)
         for batch in mine:
             limit = upft.prefix_length if batch[0].kind == PREFIX else settings["max_new_tokens"]
-            outputs = generate_batch(
-                model,
+            outputs = model.generate(
                 [q.prompt_ids for q in batch],
                 max_new_tokens=limit,
                 stop_ids=stops,

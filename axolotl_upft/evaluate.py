@@ -1,0 +1,287 @@
+"""Greedy, zero-shot benchmark evaluation: chat template, last ``\\boxed{}``, math-verify grading.
+
+Layout of ``output_dir``:
+  parts/<benchmark>/<key>/part-*.jsonl   generated token ids per finished batch (the sample cache's format);
+                                         the key covers model, adapter, tokenizer, data file and settings
+  <benchmark>.jsonl                      one graded row per question (rank 0, after every rank finished)
+  <benchmark>.summary.json               accuracy and token counts of the run
+  results.md                             one table row per (model, adapter, benchmark), refreshed in place
+A rerun reuses every cached batch, so a killed run resumes and a finished one only re-grades.
+"""
+
+import hashlib
+import json
+import logging
+import re
+import time
+from pathlib import Path
+
+from tqdm.auto import tqdm
+
+from .cache import Record, SampleCache, atomic_write_text, digest, ids_digest
+from .grading import BENCHMARKS, benchmark_path, extract_answer, gold_answer, is_equivalent, question_of
+from .prompts import chat_messages, check_tokenizer, render_prompt_ids
+from .sampler import generate_batch, load_model, sampling_device
+from .samples import Distributed, model_fingerprint, read_generation_config, stop_ids
+
+LOG = logging.getLogger(__name__)
+KIND = "greedy"
+RESULTS_HEADER = ["model", "adapter", "benchmark", "n", "accuracy"]
+_CELL_SPLIT = re.compile(r"(?<!\\)\|")
+
+
+def evaluate(
+    model_path: str,
+    benchmark: str,
+    *,
+    adapter: str | None = None,
+    limit: int | None = None,
+    output_dir: str | Path,
+    system_prompt: str | None = None,
+    max_new_tokens: int = 1024,
+    batch_size: int = 16,
+    answer_field: str = "answer",
+    data_dir: str | Path | None = None,
+    distributed: Distributed | None = None,
+) -> dict:
+    """Greedy accuracy of ``model_path`` (+ ``adapter``) on a benchmark name or .jsonl file; the summary."""
+    _check_args(limit=limit, max_new_tokens=max_new_tokens, batch_size=batch_size)
+    dist = distributed or Distributed()
+    started = time.perf_counter()
+    path = benchmark_path(benchmark, data_dir)
+    name = benchmark.lower() if benchmark.lower() in BENCHMARKS else path.stem
+    out = Path(output_dir)
+    if (out / f"{name}.jsonl").resolve() == path.resolve():
+        raise ValueError(
+            f"output_dir: {out / (name + '.jsonl')} is the benchmark file itself and would be overwritten; "
+            "choose another output_dir"
+        )
+    rows = read_rows(path, limit)
+    golds = [gold_answer(row, name, answer_field) for row in rows]
+    texts = [question_of(row) for row in rows]
+
+    tokenizer = load_tokenizer(model_path, adapter)
+    prompts = [render_prompt_ids(tokenizer, chat_messages(text, system_prompt)) for text in texts]
+    stops = stop_ids(tokenizer, read_generation_config(model_path))
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    meta = {
+        "task": "eval",
+        "model": model_fingerprint(model_path),
+        "adapter": model_fingerprint(adapter) if adapter else None,
+        "tokenizer": [tokenizer.name_or_path, len(tokenizer), digest(tokenizer.chat_template)],
+        "benchmark": file_digest(path),
+        "system_prompt": system_prompt,
+        "max_new_tokens": max_new_tokens,
+        "stop_ids": sorted(stops),
+    }
+    cache = SampleCache(out / "parts" / name, digest(meta), meta)
+    if dist.rank == 0:
+        cache.open()
+    dist.barrier()
+
+    done = cache.load()
+    _check_cached(done, prompts, cache)
+    missing = sorted((i for i in range(len(rows)) if i not in done), key=lambda i: (len(prompts[i]), i))
+    batches = [missing[j : j + batch_size] for j in range(0, len(missing), batch_size)]
+    mine = batches[dist.rank :: dist.world_size]
+    new_tokens = 0
+    if mine:
+        LOG.info(
+            "UPFT eval: %s on %s, %d of %d questions to generate (%d cached), rank %d/%d",
+            model_path,
+            name,
+            sum(map(len, mine)),
+            len(rows),
+            len(rows) - len(missing),
+            dist.rank,
+            dist.world_size,
+        )
+        model = load_eval_model(model_path, adapter)
+        bar = tqdm(total=len(missing), desc=f"eval {name}", unit="q", disable=dist.rank != 0)
+        for batch in mine:
+            outputs = generate_batch(
+                model,
+                [prompts[i] for i in batch],
+                max_new_tokens=max_new_tokens,
+                stop_ids=stops,
+                pad_id=pad_id,
+                temperature=0,
+                top_p=None,
+                top_k=None,
+                seed=0,
+            )
+            cache.write_part(
+                [
+                    Record(i, KIND, ids_digest(prompts[i]), ids, stopped)
+                    for i, (ids, stopped) in zip(batch, outputs)
+                ]
+            )
+            new_tokens += sum(len(ids) for ids, _ in outputs)
+            bar.update(max(0, cache.count_done() - len(done) - bar.n))
+        bar.close()
+        del model
+    dist.barrier()
+    if dist.rank == 0:
+        records = cache.load()
+        lacking = [i for i in range(len(rows)) if i not in records]
+        if lacking:
+            raise RuntimeError(f"UPFT eval: questions {lacking[:10]} have no generation in {cache.dir}")
+        graded = grade(tokenizer, texts, golds, [records[i] for i in range(len(rows))])
+        summary = summarize(graded, model=model_path, adapter=adapter, benchmark=name, path=path)
+        summary.update(
+            max_new_tokens=max_new_tokens,
+            system_prompt=system_prompt,
+            tokens_generated_this_run=new_tokens,
+            wall_seconds=round(time.perf_counter() - started, 3),
+        )
+        write_outputs(out, name, graded, summary)
+        LOG.info(
+            "UPFT eval: %s %s accuracy %.2f%% (n=%d)", model_path, name, summary["accuracy"], summary["n"]
+        )
+    dist.barrier()
+    return json.loads((out / f"{name}.summary.json").read_text())
+
+
+def _check_args(**values) -> None:
+    for key, value in values.items():
+        if value is not None and (not isinstance(value, int) or value < 1):
+            hint = "; leave it unset to evaluate every question" if key == "limit" else ""
+            raise ValueError(f"{key} must be a positive integer, got {value!r}{hint}")
+
+
+def read_rows(path: Path, limit: int | None) -> list[dict]:
+    """The first ``limit`` rows of a JSONL file (all when None), blank lines skipped."""
+    rows = []
+    with open(path) as handle:
+        for number, line in enumerate(handle, 1):
+            if limit is not None and len(rows) >= limit:
+                break
+            if not line.strip():
+                continue
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError as err:
+                raise ValueError(
+                    f"{path}: line {number} is not JSON ({err}); fix or remove that line"
+                ) from None
+    if not rows:
+        raise ValueError(f"{path} holds no rows; point the benchmark at a JSONL file of questions")
+    return rows
+
+
+def file_digest(path: Path) -> str:
+    sha = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            sha.update(block)
+    return sha.hexdigest()
+
+
+def load_tokenizer(model_path: str, adapter: str | None):
+    """The adapter's own tokenizer when it saved one (its chat template may differ), else the model's."""
+    from transformers import AutoTokenizer
+
+    source = adapter if adapter and (Path(adapter) / "tokenizer_config.json").exists() else model_path
+    tokenizer = AutoTokenizer.from_pretrained(source)
+    check_tokenizer(tokenizer)
+    return tokenizer
+
+
+def load_eval_model(model_path: str, adapter: str | None):
+    model = load_model(model_path, sampling_device())
+    if adapter:
+        try:
+            from peft import PeftModel
+        except ImportError as err:
+            raise ImportError("evaluating an adapter needs peft: pip install peft") from err
+        # Merged once, so generation runs at the base model's speed.
+        model = PeftModel.from_pretrained(model, adapter).merge_and_unload().eval()
+    return model
+
+
+def _check_cached(done: dict[int, Record], prompts: list[list[int]], cache: SampleCache) -> None:
+    for index, record in done.items():
+        if index < len(prompts) and record.prompt_digest != ids_digest(prompts[index]):
+            raise RuntimeError(
+                f"{cache.dir}: the cached generation of question {index} was made for another prompt. "
+                f"Delete {cache.dir} to generate again."
+            )
+
+
+def grade(tokenizer, questions: list[str], golds: list[str], records: list[Record]) -> list[dict]:
+    """One result row per question, in benchmark order."""
+    rows = []
+    for index, (question, gold, record) in enumerate(zip(questions, golds, records)):
+        text = tokenizer.decode(record.ids, skip_special_tokens=True)
+        answer = extract_answer(text)
+        rows.append(
+            {
+                "index": index,
+                "question": question,
+                "gold": gold,
+                "prediction": text,
+                "answer": answer,
+                "correct": is_equivalent(answer, gold),
+                "tokens": len(record.ids),
+                "stopped": record.stopped,
+            }
+        )
+    return rows
+
+
+def summarize(rows: list[dict], *, model: str, adapter: str | None, benchmark: str, path: Path) -> dict:
+    correct = sum(row["correct"] for row in rows)
+    return {
+        "model": model,
+        "adapter": adapter,
+        "benchmark": benchmark,
+        "benchmark_file": str(path),
+        "n": len(rows),
+        "correct": correct,
+        "accuracy": round(100 * correct / len(rows), 2),
+        "mean_tokens": round(sum(row["tokens"] for row in rows) / len(rows), 1),
+        "truncated": sum(not row["stopped"] for row in rows),
+        "no_answer": sum(row["answer"] is None for row in rows),
+    }
+
+
+def write_outputs(out: Path, name: str, rows: list[dict], summary: dict) -> None:
+    atomic_write_text(out / f"{name}.jsonl", "".join(json.dumps(row) + "\n" for row in rows))
+    atomic_write_text(out / f"{name}.summary.json", json.dumps(summary, indent=2))
+    update_results(out / "results.md", summary)
+
+
+def _cell(value) -> str:
+    return str(value).replace("|", "\\|").replace("\n", " ")
+
+
+def update_results(path: Path, summary: dict) -> None:
+    """Refresh this (model, adapter, benchmark)'s row of the Markdown table, or append it."""
+    row = [
+        _cell(summary["model"]),
+        _cell(summary["adapter"] or "-"),
+        _cell(summary["benchmark"]),
+        str(summary["n"]),
+        f"{summary['accuracy']:.2f}",
+    ]
+    table = read_results(path)
+    for i, old in enumerate(table):
+        if old[:3] == row[:3]:
+            table[i] = row
+            break
+    else:
+        table.append(row)
+    lines = ["| " + " | ".join(RESULTS_HEADER) + " |", "|" + "---|" * len(RESULTS_HEADER)]
+    lines += ["| " + " | ".join(cells) + " |" for cells in table]
+    atomic_write_text(path, "\n".join(lines) + "\n")
+
+
+def read_results(path: Path) -> list[list[str]]:
+    """Rows of a results.md table (cells still escaped), header and rule excluded."""
+    if not path.exists():
+        return []
+    rows = []
+    for line in path.read_text().splitlines()[2:]:
+        if line.startswith("|"):
+            rows.append([cell.strip() for cell in _CELL_SPLIT.split(line.strip())[1:-1]])
+    return rows

@@ -1,0 +1,215 @@
+"""Evaluation end to end on the tiny random Llama: files, grading, resume, sharding, adapters."""
+
+import json
+import threading
+from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+from tiny import build_model, gsm8k_questions
+
+from axolotl_upft import evaluate as ev
+from axolotl_upft.grading import extract_answer, gold_answer, is_equivalent
+from axolotl_upft.samples import Distributed
+
+LIMIT = 5
+MAX_NEW = 12
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    rows = gsm8k_questions(90, "train") + gsm8k_questions(10, "test")
+    corpus = [row["question"] + " " + row["answer"] for row in rows] + ["The answer is 18 ."]
+    return str(build_model(tmp_path_factory.mktemp("tiny"), corpus))
+
+
+@pytest.fixture
+def calls(monkeypatch):
+    """Prompt counts of every generate_batch call evaluate makes (real generation still runs)."""
+    seen = []
+    real = ev.generate_batch
+
+    def spy(model, prompts, **kwargs):
+        seen.append((threading.current_thread().name, len(prompts)))
+        return real(model, prompts, **kwargs)
+
+    monkeypatch.setattr(ev, "generate_batch", spy)
+    return seen
+
+
+def read_jsonl(path):
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def run(model_dir, out, **kwargs):
+    options = {"limit": LIMIT, "output_dir": out, "max_new_tokens": MAX_NEW, "batch_size": 2, **kwargs}
+    return ev.evaluate(model_dir, options.pop("benchmark", "gsm8k"), **options)
+
+
+def test_eval_writes_graded_rows_summary_and_table_then_a_rerun_generates_nothing(model_dir, tmp_path, calls):
+    summary = run(model_dir, tmp_path)
+
+    rows = read_jsonl(tmp_path / "gsm8k.jsonl")
+    source = gsm8k_questions(LIMIT, "test")
+    assert [r["index"] for r in rows] == list(range(LIMIT))
+    assert [r["question"] for r in rows] == [s["question"] for s in source]
+    assert [r["gold"] for r in rows] == [gold_answer(s, "gsm8k") for s in source]
+    for row in rows:
+        assert 1 <= row["tokens"] <= MAX_NEW
+        assert row["answer"] == extract_answer(row["prediction"])
+        assert row["correct"] == is_equivalent(row["answer"], row["gold"])
+    # The headline number must be the rows' own mean, not a separately kept count.
+    assert summary["accuracy"] == round(100 * sum(r["correct"] for r in rows) / LIMIT, 2)
+    assert summary["n"] == LIMIT and summary["correct"] == sum(r["correct"] for r in rows)
+    assert summary["mean_tokens"] == round(sum(r["tokens"] for r in rows) / LIMIT, 1)
+    assert summary == json.loads((tmp_path / "gsm8k.summary.json").read_text())
+    assert sum(n for _, n in calls) == LIMIT and len(calls) == 3  # batches of 2
+    assert ev.read_results(tmp_path / "results.md") == [
+        [model_dir, "-", "gsm8k", str(LIMIT), f"{summary['accuracy']:.2f}"]
+    ]
+
+    calls.clear()
+    again = run(model_dir, tmp_path)
+    assert calls == []
+    assert again["tokens_generated_this_run"] == 0
+    assert {k: v for k, v in again.items() if k not in ("wall_seconds", "tokens_generated_this_run")} == {
+        k: v for k, v in summary.items() if k not in ("wall_seconds", "tokens_generated_this_run")
+    }
+    assert read_jsonl(tmp_path / "gsm8k.jsonl") == rows
+    assert len(ev.read_results(tmp_path / "results.md")) == 1
+
+    # A larger limit reuses the cached questions and generates only the new ones.
+    calls.clear()
+    assert run(model_dir, tmp_path, limit=LIMIT + 2)["n"] == LIMIT + 2
+    assert sum(n for _, n in calls) == 2
+    assert ev.read_results(tmp_path / "results.md")[0][3] == str(LIMIT + 2)
+
+
+def test_a_run_killed_mid_way_resumes_from_its_finished_batches(model_dir, tmp_path, monkeypatch):
+    real, seen, killed = ev.generate_batch, [], []
+
+    def dies_on_second_batch(model, prompts, **kwargs):
+        if len(seen) == 1 and not killed:
+            killed.append(True)
+            raise KeyboardInterrupt
+        seen.append(len(prompts))
+        return real(model, prompts, **kwargs)
+
+    monkeypatch.setattr(ev, "generate_batch", dies_on_second_batch)
+    with pytest.raises(KeyboardInterrupt):
+        run(model_dir, tmp_path)
+    assert not (tmp_path / "gsm8k.jsonl").exists()
+
+    seen.clear()
+    assert run(model_dir, tmp_path)["n"] == LIMIT
+    assert sum(seen) == LIMIT - 2  # the first batch of 2 was kept
+
+
+def test_accuracy_counts_equivalent_answers_on_a_custom_jsonl_file(model_dir, tmp_path, monkeypatch):
+    from transformers import AutoTokenizer
+
+    bench = tmp_path / "data" / "mine.jsonl"
+    bench.parent.mkdir()
+    golds = ["18", "18.00", "7", "19"]
+    bench.write_text(
+        "".join(json.dumps({"problem": f"Janet has {g} eggs .", "answer": g}) + "\n" for g in golds)
+    )
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    reply = tokenizer("The answer is 18 .", add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+    monkeypatch.setattr(ev, "generate_batch", lambda model, prompts, **kw: [(reply, True) for _ in prompts])
+
+    summary = run(model_dir, tmp_path / "out", benchmark=str(bench), limit=None)
+
+    rows = read_jsonl(tmp_path / "out" / "mine.jsonl")
+    assert [r["answer"] for r in rows] == ["18"] * 4
+    assert [r["correct"] for r in rows] == [True, True, False, False]
+    assert (summary["benchmark"], summary["n"], summary["correct"], summary["accuracy"]) == (
+        "mine",
+        4,
+        2,
+        50.0,
+    )
+    assert (summary["truncated"], summary["no_answer"]) == (0, 0)
+
+
+def test_questions_are_sharded_by_batch_across_ranks_and_rank_zero_merges(
+    model_dir, tmp_path, calls, monkeypatch
+):
+    barrier, loading = threading.Barrier(2, timeout=120), threading.Lock()
+    real_load = ev.load_eval_model
+
+    def load_one_at_a_time(*args):
+        # Ranks are threads here; from_pretrained is not thread-safe (real ranks are processes).
+        with loading:
+            return real_load(*args)
+
+    monkeypatch.setattr(ev, "load_eval_model", load_one_at_a_time)
+
+    class ThreadRank(Distributed):
+        def barrier(self):
+            barrier.wait()
+
+    def rank(r):
+        threading.current_thread().name = f"rank{r}"
+        return run(model_dir, tmp_path, batch_size=1, distributed=ThreadRank(r, 2))
+
+    with ThreadPoolExecutor(2) as pool:
+        summaries = [f.result() for f in [pool.submit(rank, r) for r in (0, 1)]]
+
+    # 5 batches of one question: j % 2 puts batches 0, 2, 4 on rank 0 and 1, 3 on rank 1.
+    assert Counter(name for name, _ in calls) == {"rank0": 3, "rank1": 2}
+    assert summaries[0] == summaries[1]
+    assert len(read_jsonl(tmp_path / "gsm8k.jsonl")) == LIMIT
+
+
+def test_an_adapter_is_merged_and_gets_its_own_table_row(model_dir, tmp_path, calls):
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    base = AutoModelForCausalLM.from_pretrained(model_dir)
+    config = LoraConfig(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False)
+    get_peft_model(base, config).save_pretrained(tmp_path / "adapter")
+    adapter = str(tmp_path / "adapter")
+
+    base_summary = run(model_dir, tmp_path / "out", limit=2)
+    summary = run(model_dir, tmp_path / "out", limit=2, adapter=adapter)
+
+    assert summary["adapter"] == adapter
+    assert sum(n for _, n in calls) == 4  # the adapter's generations are not the base model's cache
+    table = ev.read_results(tmp_path / "out" / "results.md")
+    assert [row[:3] for row in table] == [[model_dir, "-", "gsm8k"], [model_dir, adapter, "gsm8k"]]
+    assert table[0][4] == f"{base_summary['accuracy']:.2f}"
+
+
+def test_results_table_refreshes_a_row_in_place_and_escapes_pipes(tmp_path):
+    path = tmp_path / "results.md"
+    row = {"model": "a|b", "adapter": None, "benchmark": "gsm8k", "n": 3, "accuracy": 33.33}
+    ev.update_results(path, row)
+    ev.update_results(path, {**row, "benchmark": "math500"})
+    ev.update_results(path, {**row, "n": 4, "accuracy": 50.0})
+    assert ev.read_results(path) == [
+        ["a\\|b", "-", "gsm8k", "4", "50.00"],
+        ["a\\|b", "-", "math500", "3", "33.33"],
+    ]
+    assert path.read_text().splitlines()[0] == "| model | adapter | benchmark | n | accuracy |"
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"limit": 0}, "limit must be a positive integer"),
+        ({"batch_size": 0}, "batch_size must be a positive integer"),
+        ({"benchmark": "nope"}, "unknown benchmark 'nope'"),
+        ({"benchmark": "missing.jsonl"}, "no file at"),
+    ],
+)
+def test_bad_arguments_fail_before_any_model_is_loaded(kwargs, message, tmp_path):
+    with pytest.raises(ValueError, match=message):
+        run("no-such-model", tmp_path, **kwargs)
+
+
+def test_an_output_dir_holding_the_benchmark_file_is_refused(tmp_path):
+    bench = tmp_path / "mine.jsonl"
+    bench.write_text(json.dumps({"question": "q", "answer": "1"}) + "\n")
+    with pytest.raises(ValueError, match="would be overwritten"):
+        run("no-such-model", tmp_path, benchmark=str(bench))
