@@ -55,6 +55,22 @@ class UPFTConfig(BaseModel):
     system_prompt: str | None = Field(None, description="System turn of every prompt; null for none.")
     seed: int = Field(42, description="Seeds the structure split and the sampling.")
     sampling: SamplingConfig = Field(default_factory=SamplingConfig)
+    mode: Literal["upft", "sft", "rft"] = Field(
+        "upft",
+        description="upft: prefixes + a structure share; sft: one full self-trace per question (paper's SFT); "
+        "rft: num_samples full traces per question, keep one with the gold answer (paper's RFT).",
+    )
+    label_filter: bool = Field(
+        False, description="With mode upft: sample num_samples full traces, keep a correct one, train on its prefix."
+    )
+    num_samples: int = Field(16, ge=1, description="Samples per question for rft and label_filter.")
+    answer_field: str = Field(
+        "answer", description="Gold answer column for rft / label_filter (GSM8K style: text after ####)."
+    )
+    eval_after_train: list[str] = Field(
+        default_factory=list,
+        description="Benchmarks (gsm8k, math500, aime24, amc23 or .jsonl paths) evaluated after `axolotl train`.",
+    )
     loss_normalization: Literal["sample", "token"] = Field(
         "sample",
         description="sample: every row weighs the same (mean of row means, as the reference's micro-batch 1); "
@@ -64,8 +80,14 @@ class UPFTConfig(BaseModel):
         None, description="Where samples are kept; null puts them in <dataset_prepared_path>/upft_samples."
     )
 
+    @property
+    def needs_gold(self) -> bool:
+        return self.mode == "rft" or self.label_filter
+
     @model_validator(mode="after")
     def _one_question_source(self):
+        if self.label_filter and self.mode != "upft":
+            raise ValueError(f"upft.label_filter applies to mode: upft, not mode: {self.mode} (rft already filters)")
         if self.question_field is not None and self.question_template is not None:
             raise ValueError(
                 "upft: set question_field or question_template, not both "

@@ -8,7 +8,8 @@ from datasets import Dataset
 
 from .args import UPFTConfig
 from .rows import FULL, Row, full_row, prefix_row
-from .samples import open_cache, prepare_questions, sample_questions
+from .cache import Record
+from .samples import Question, open_cache, prepare_questions, sample_questions
 from .prompts import chat_messages, render_prompt_ids
 
 LOG = logging.getLogger(__name__)
@@ -29,22 +30,46 @@ def default_cache_dir(cfg) -> str:
     return str(Path(cfg.get("dataset_prepared_path") or "last_run_prepared") / "upft_samples")
 
 
-def training_prompts(questions, tokenizer, upft: UPFTConfig, sequence_len: int) -> list[list[int]]:
+def group_by_row(questions: list[Question]) -> dict[int, list[Question]]:
+    groups: dict[int, list[Question]] = {}
+    for q in questions:
+        groups.setdefault(q.row, []).append(q)
+    return groups
+
+
+def training_prompts(groups: dict[int, list[Question]], tokenizer, upft: UPFTConfig, sequence_len: int) -> dict:
     """Prompt ids each row trains on (prefix rows carry the instruction), checked before any sampling."""
     instruction = upft.prefix_instruction or None
-    prompts = [
-        q.prompt_ids
-        if q.kind == FULL or not instruction
-        else render_prompt_ids(tokenizer, chat_messages(q.text, upft.system_prompt, instruction))
-        for q in questions
-    ]
-    for q, prompt in zip(questions, prompts):
-        if len(prompt) >= sequence_len:
+    prompts = {}
+    for row, (q, *_) in groups.items():
+        prompts[row] = (
+            q.prompt_ids
+            if q.target == FULL or not instruction
+            else render_prompt_ids(tokenizer, chat_messages(q.text, upft.system_prompt, instruction))
+        )
+        if len(prompts[row]) >= sequence_len:
             raise ValueError(
-                f"row {q.index}: its prompt is {len(prompt)} tokens, not shorter than sequence_len={sequence_len}, "
+                f"row {row}: its prompt is {len(prompts[row])} tokens, not shorter than sequence_len={sequence_len}, "
                 "so no response token would be trained. Raise `sequence_len`, shorten the question, or drop the row."
             )
     return prompts
+
+
+def is_correct(tokenizer, ids: list[int], gold: str) -> bool:
+    from .grading import extract_answer, is_equivalent
+
+    return is_equivalent(extract_answer(tokenizer.decode(ids, skip_special_tokens=True)), gold)
+
+
+def choose_sample(tasks: list[Question], records: dict[int, Record], tokenizer) -> Record | None:
+    """The first sample of a row; with a gold answer, the first finished one whose answer is right."""
+    if tasks[0].gold is None:
+        return records[tasks[0].index]
+    for q in tasks:
+        record = records[q.index]
+        if record.stopped and is_correct(tokenizer, record.ids, q.gold):
+            return record
+    return None
 
 
 class UPFTDatasetStrategy(DatasetWrappingStrategy):
@@ -69,7 +94,8 @@ def build_rows(dataset, tokenizer, cfg, upft: UPFTConfig) -> list[Row]:
 
     sequence_len = cfg.get("sequence_len") or 2048
     questions = prepare_questions(dataset, tokenizer, upft)
-    prompts = training_prompts(questions, tokenizer, upft, sequence_len)
+    groups = group_by_row(questions)
+    prompts = training_prompts(groups, tokenizer, upft, sequence_len)
     cache, settings, stops = open_cache(
         upft.cache_dir or default_cache_dir(cfg), cfg.base_model, tokenizer, upft, questions
     )
@@ -84,10 +110,13 @@ def build_rows(dataset, tokenizer, cfg, upft: UPFTConfig) -> list[Row]:
         pad_id=pad_id,
     )
     train_on_inputs = bool(cfg.get("train_on_inputs"))
-    rows, cut, unfinished = [], 0, 0
-    for q, prompt in zip(questions, prompts):
-        record = records[q.index]
-        if q.kind == FULL:
+    rows, cut, unfinished, unsolved = [], 0, 0, 0
+    for index, tasks in groups.items():
+        record, prompt = choose_sample(tasks, records, tokenizer), prompts[index]
+        if record is None:
+            unsolved += 1
+            continue
+        if tasks[0].target == FULL:
             unfinished += not record.stopped
             row = full_row(prompt, record.ids, stop_ids=stops, train_on_inputs=train_on_inputs)
         else:
@@ -102,6 +131,16 @@ def build_rows(dataset, tokenizer, cfg, upft: UPFTConfig) -> list[Row]:
         cut += len(row.input_ids) > sequence_len
         rows.append(Row(row.input_ids[:sequence_len], row.labels[:sequence_len], row.kind))
     full = sum(r.kind == FULL for r in rows)
+    if unsolved:
+        LOG.warning(
+            "UPFT (%s): %d of %d questions had no sample with the gold answer among %d and were dropped",
+            "rft" if upft.mode == "rft" else "label_filter", unsolved, len(groups), upft.num_samples,
+        )
+    if not rows:
+        raise ValueError(
+            f"UPFT: no question kept a correct sample (num_samples={upft.num_samples}); nothing to train on. "
+            "Raise upft.num_samples or check upft.answer_field."
+        )
     LOG.info(
         "UPFT: %d rows (%d prefix with k=%d, %d full), %d trained tokens; samples in %s",
         len(rows), len(rows) - full, upft.prefix_length, full, sum(r.num_trained for r in rows), cache.dir,

@@ -59,26 +59,47 @@ LAST_SUMMARIES: list[dict] = []
 
 @dataclass(frozen=True)
 class Question:
+    """One sampling task: `kind` is what is sampled (prefix stops at k), `target` the row it may become."""
+
     index: int
     text: str
     prompt_ids: list[int]
     kind: str
+    row: int = -1
+    target: str = ""
+    gold: str | None = None
 
 
 def prepare_questions(rows: Iterable[dict], tokenizer, upft: UPFTConfig) -> list[Question]:
-    """Every question found, rendered and split before any sampling, so bad rows fail first."""
+    """Every sampling task, rendered and split before any sampling, so bad rows fail first."""
+    from .grading import gold_answer
+
     check_tokenizer(tokenizer)
+    rows = list(rows)
     texts = [
         question_text(row, i, field=upft.question_field, template=upft.question_template)
         for i, row in enumerate(rows)
     ]
     if not texts:
         raise ValueError("the `type: upft` dataset has no rows; point `path:` at a file of questions.")
-    kinds = question_kinds(len(texts), upft.structure_ratio, upft.seed)
-    return [
-        Question(i, text, render_prompt_ids(tokenizer, chat_messages(text, upft.system_prompt)), kind)
-        for i, (text, kind) in enumerate(zip(texts, kinds))
-    ]
+    golds = [None] * len(rows)
+    if upft.needs_gold:
+        for i, row in enumerate(rows):
+            try:
+                golds[i] = gold_answer(row, None, field=upft.answer_field)
+            except ValueError as err:
+                raise ValueError(
+                    f"upft.answer_field: row {i}: {err}. mode: rft and label_filter grade samples against it; "
+                    "set upft.answer_field to the gold answer's column."
+                ) from None
+    targets = [FULL] * len(texts) if upft.mode != "upft" else question_kinds(len(texts), upft.structure_ratio, upft.seed)
+    copies = upft.num_samples if upft.needs_gold else 1
+    tasks = []
+    for i, (text, target) in enumerate(zip(texts, targets)):
+        prompt = render_prompt_ids(tokenizer, chat_messages(text, upft.system_prompt))
+        kind = FULL if upft.needs_gold else target
+        tasks += [Question(i * copies + j, text, prompt, kind, i, target, golds[i]) for j in range(copies)]
+    return tasks
 
 
 def stop_ids(tokenizer, generation_config: dict) -> frozenset[int]:
@@ -236,9 +257,11 @@ def summarize(questions: list[Question], records: dict[int, Record], seconds: fl
     full = [r for r in records.values() if r.kind == FULL]
     total = sum(len(r.ids) for r in records.values())
     mean_full = sum(len(r.ids) for r in full) / len(full) if full else None
-    rft = round(RFT_SAMPLES * mean_full * len(questions)) if mean_full else None
+    rows = len({q.row for q in questions})
+    rft = round(RFT_SAMPLES * mean_full * rows) if mean_full else None
     return {
-        "questions": len(questions),
+        "questions": rows,
+        "samples_per_question": len(questions) // rows,
         "prefix": len(records) - len(full),
         "full": len(full),
         "tokens_generated": total,

@@ -79,6 +79,12 @@ def assert_mask_rules(rows: list[dict], tokenizer, k: int) -> None:
 @pytest.mark.parametrize("packing", [True, False], ids=["packed", "unpacked"])
 def test_preprocess_then_train_with_the_plugin(packing, tmp_path, tiny_model, tiny_tokenizer, questions):
     config = write_config(tmp_path, tiny_model, questions, sample_packing=packing)
+    if not packing:
+        bench = tmp_path / "bench.jsonl"
+        bench.write_text("".join(json.dumps(q) + "\n" for q in questions[:3]))
+        cfg = yaml.safe_load(config.read_text())
+        cfg["upft"]["eval_after_train"] = [str(bench)]
+        config.write_text(yaml.safe_dump(cfg))
     log = axolotl("preprocess", config, "--debug")
     assert "UPFT sampling" in log
     assert "assistant(-100," in log and "<|im_end|>(3, 3)" in log, "--debug shows the masked prompt and trained EOS"
@@ -91,6 +97,9 @@ def test_preprocess_then_train_with_the_plugin(packing, tmp_path, tiny_model, ti
     assert "UPFT sampling" not in log, "train reuses the prepared rows: nothing is sampled twice"
     assert "train_loss" in log
     assert (tmp_path / "out" / "adapter_model.safetensors").exists()
+    if not packing:
+        (summary,) = (tmp_path / "out" / "eval").glob("*.summary.json")
+        assert json.loads(summary.read_text())["n"] == 3, "eval_after_train graded the saved adapter"
 
 
 def test_changing_an_upft_setting_makes_a_new_prepared_dataset(tmp_path, tiny_model, questions):
