@@ -5,6 +5,9 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 DEMO_MODEL := models/SmolLM2-135M-Instruct
 DEMO_CFG := example_configs/smollm2-135m-demo.yml
+SFT_CFG := example_configs/smollm2-135m-sft.yml
+COMPARE_N ?= 64
+EVAL := axolotl-upft eval --benchmark gsm8k --limit $(COMPARE_N) --max-new-tokens 256 --output runs/compare
 
 # `axolotl train` relaunches itself through `accelerate`, so the venv must be on PATH.
 export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
@@ -15,7 +18,7 @@ export DO_NOT_TRACK := 1
 export WANDB_MODE := disabled
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: setup test demo demo-model clean
+.PHONY: setup test demo demo-model compare clean
 
 $(STAMP): setup.cfg pyproject.toml
 	@test -n "$(PYTHON312)" || { echo "Python 3.12 not found: install it (pyenv install 3.12) or set PYTHON312=/path/to/python3.12"; exit 1; }
@@ -40,6 +43,15 @@ demo: demo-model
 	axolotl preprocess $(DEMO_CFG) && \
 	axolotl train $(DEMO_CFG) && \
 	axolotl-upft report $(DEMO_CFG) --started $$start
+
+# base vs UPFT vs self-SFT on the first COMPARE_N GSM8K test questions (CPU; runs the demo first if needed)
+compare: demo-model
+	test -f runs/demo/adapter/adapter_model.safetensors || $(MAKE) demo
+	test -f runs/demo-sft/adapter/adapter_model.safetensors || { axolotl preprocess $(SFT_CFG) && axolotl train $(SFT_CFG); }
+	$(EVAL) --model $(DEMO_MODEL)
+	$(EVAL) --model $(DEMO_MODEL) --adapter runs/demo/adapter
+	$(EVAL) --model $(DEMO_MODEL) --adapter runs/demo-sft/adapter
+	cat runs/compare/results.md
 
 clean:
 	rm -rf $(VENV) models runs
