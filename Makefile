@@ -17,6 +17,8 @@ export AXOLOTL_DO_NOT_TRACK := 1
 export DO_NOT_TRACK := 1
 export WANDB_MODE := disabled
 export TOKENIZERS_PARALLELISM := false
+# DeepSpeed installs from source; its CUDA ops are built on first use on a GPU, never here.
+export DS_BUILD_OPS := 0
 
 .PHONY: setup test demo demo-model compare clean
 
