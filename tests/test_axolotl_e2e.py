@@ -85,7 +85,7 @@ def test_preprocess_then_train_with_the_plugin(packing, tmp_path, tiny_model, ti
         cfg = yaml.safe_load(config.read_text())
         cfg["upft"]["eval_after_train"] = [str(bench)]
         config.write_text(yaml.safe_dump(cfg))
-    log = axolotl("preprocess", config, "--debug")
+    log = axolotl("preprocess", config, "--debug", "--debug-num-examples", "24")
     assert "UPFT sampling" in log
     assert "assistant(-100," in log and "<|im_end|>(3, 3)" in log, "--debug shows the masked prompt and trained EOS"
     _, rows = prepared_rows(tmp_path)
