@@ -3,6 +3,7 @@
 import logging
 import os
 import sys
+import time
 from pathlib import Path
 
 from axolotl.integrations.base import BasePlugin, PluginManager
@@ -15,12 +16,14 @@ LOG = logging.getLogger(__name__)
 class UPFTPlugin(BasePlugin):
     """Unsupervised Prefix Fine-Tuning: self-sampled prefixes as an Axolotl dataset type."""
 
-    _evaluated = False
+    _started = 0.0
+    _trained = False
 
     def get_input_args(self) -> str:
         return "axolotl_upft.args.UPFTArgs"
 
     def register(self, cfg):
+        self._started = time.time()
         from axolotl.utils.data import shared
 
         from . import dataset
@@ -54,20 +57,22 @@ class UPFTPlugin(BasePlugin):
         return sample_normalized_trainer(base, prefix_length=upft.prefix_length)
 
     def post_train(self, cfg, model):
-        """`upft.eval_after_train`: greedy accuracy of the saved model, on the main process."""
-        if cfg.get("upft") is None or int(os.environ.get("RANK", 0)) != 0:
+        self._trained = True
+
+    def post_train_unload(self, cfg):
+        """`upft.eval_after_train`: greedy accuracy of what this run saved, once the trainer is freed."""
+        if cfg.get("upft") is None or int(os.environ.get("RANK", 0)) != 0 or not self._trained:
             return
         from .dataset import upft_config
 
         upft = upft_config(cfg)
         out = Path(cfg.output_dir)
-        saved = any((out / name).exists() for name in SAVED_WEIGHTS)
-        # Axolotl calls post_train twice, before and after saving: evaluate once, what was saved.
-        if not upft.eval_after_train or not saved or self._evaluated:
+        # Unload also runs after a failed save: weights left by an earlier run must not be evaluated.
+        saved = [out / name for name in SAVED_WEIGHTS if (out / name).exists()]
+        if not upft.eval_after_train or not any(p.stat().st_mtime >= self._started for p in saved):
             return
         from .evaluate import evaluate
 
-        self._evaluated = True
         adapter = str(out) if cfg.adapter else None
         model_path = cfg.base_model if adapter else str(out)
         for benchmark in upft.eval_after_train:
