@@ -21,7 +21,7 @@ from tqdm.auto import tqdm
 
 from .cache import TMP_PREFIX, atomic_write_text, digest
 from .grading import extract_answer, gold_answer, is_equivalent, question_of
-from .prompts import chat_messages, check_tokenizer, render_prompt_ids
+from .prompts import chat_messages, check_tokenizer, pad_token_id, render_prompt_ids
 from .sampler import generate_batch, load_model, sampling_device
 from .samples import read_generation_config, stop_ids
 
@@ -236,7 +236,7 @@ def sample(model_path, tokenizer, texts, samples, settings, stops, system_prompt
         (q, j) for q in sorted(range(len(texts)), key=lambda q: (len(prompts[q]), q)) for j in range(samples)
     ]
     batches = [pairs[i : i + settings["batch_size"]] for i in range(0, len(pairs), settings["batch_size"])]
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    pad_id = pad_token_id(tokenizer)
     model = load_model(model_path, sampling_device())
     trajectories: list[list[list[int]]] = [[] for _ in texts]
     for batch in tqdm(batches, desc="UPFT prefix analysis", unit="batch"):

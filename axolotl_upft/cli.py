@@ -125,6 +125,7 @@ def analyze_command(config, samples, lengths, num_questions, max_new_tokens, out
     from .analyze import analyze
     from .dataset import upft_config
     from .prompts import question_text
+    from .sampler import resolve_batch_size
 
     cfg = load_config_single_process(load_cfg, config)
     upft = upft_config(cfg)
@@ -140,7 +141,7 @@ def analyze_command(config, samples, lengths, num_questions, max_new_tokens, out
     try:
         result = analyze(cfg.base_model, questions, samples=samples, lengths=lengths, max_new_tokens=max_new_tokens,
                          temperature=upft.sampling.temperature, top_p=upft.sampling.top_p, top_k=upft.sampling.top_k,
-                         seed=upft.seed, system_prompt=upft.system_prompt, batch_size=upft.sampling.batch_size or 32,
+                         seed=upft.seed, system_prompt=upft.system_prompt, batch_size=resolve_batch_size(upft.sampling.batch_size, "hf"),
                          output_dir=out, tokenizer=load_tokenizer(cfg))
     except ValueError as err:
         raise click.UsageError(str(err)) from None

@@ -10,7 +10,7 @@ from .args import UPFTConfig
 from .rows import FULL, Row, full_row, prefix_row
 from .cache import Record
 from .samples import Question, open_cache, prepare_questions, sample_questions
-from .prompts import chat_messages, render_prompt_ids
+from .prompts import chat_messages, pad_token_id, render_prompt_ids
 
 LOG = logging.getLogger(__name__)
 
@@ -99,7 +99,7 @@ def build_rows(dataset, tokenizer, cfg, upft: UPFTConfig) -> list[Row]:
     cache, settings, stops = open_cache(
         upft.cache_dir or default_cache_dir(cfg), cfg.base_model, tokenizer, upft, questions
     )
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    pad_id = pad_token_id(tokenizer)
     records = sample_questions(
         questions,
         cache,

@@ -20,7 +20,7 @@ from tqdm.auto import tqdm
 
 from .cache import Record, SampleCache, atomic_write_text, digest, ids_digest
 from .grading import BENCHMARKS, benchmark_path, extract_answer, gold_answer, is_equivalent, question_of
-from .prompts import chat_messages, check_tokenizer, render_prompt_ids
+from .prompts import chat_messages, check_tokenizer, pad_token_id, render_prompt_ids
 from .sampler import generate_batch, load_model, sampling_device
 from .samples import Distributed, model_fingerprint, read_generation_config, stop_ids
 
@@ -63,7 +63,7 @@ def evaluate(
     tokenizer = load_tokenizer(model_path, adapter)
     prompts = [render_prompt_ids(tokenizer, chat_messages(text, system_prompt)) for text in texts]
     stops = stop_ids(tokenizer, read_generation_config(model_path))
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    pad_id = pad_token_id(tokenizer)
     meta = {
         "task": "eval",
         "model": model_fingerprint(model_path),

@@ -76,3 +76,8 @@ def check_tokenizer(tokenizer) -> None:
             f"the tokenizer of {tokenizer.name_or_path!r} has no EOS token, which ends every UPFT sample. "
             "Set it in the config: `special_tokens: {eos_token: \"<|im_end|>\"}` (your model's end-of-turn token)."
         )
+
+
+def pad_token_id(tokenizer) -> int:
+    """Left padding for generation; chat models often have no pad token and pad with EOS."""
+    return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id

@@ -17,7 +17,7 @@ import torch
 from transformers import AutoTokenizer
 
 from axolotl_upft.args import UPFTConfig
-from axolotl_upft.prompts import chat_messages, render_prompt_ids
+from axolotl_upft.prompts import chat_messages, pad_token_id, render_prompt_ids
 from axolotl_upft.rows import FULL, question_kinds
 from axolotl_upft.sampler import HFSampler, sampling_device
 from axolotl_upft.samples import Question, plan_batches, read_generation_config, sampling_settings, stop_ids
@@ -66,7 +66,7 @@ def main(argv=None) -> dict:
     settings = sampling_settings(upft, generation_config)
     options = {
         "stop_ids": stop_ids(tokenizer, generation_config),
-        "pad_id": tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id,
+        "pad_id": pad_token_id(tokenizer),
         "temperature": settings["temperature"], "top_p": settings["top_p"], "top_k": settings["top_k"],
     }
     texts = load_questions(args.n, args.data)
