@@ -20,11 +20,30 @@ class SamplingConfig(BaseModel):
     top_k: int | None = Field(
         None, ge=0, description="Top-k sampling; null takes the model's generation config."
     )
+    repetition_penalty: float = Field(
+        1.0,
+        gt=0.0,
+        description="1.0 is off. generation_config.json's value is not applied, as in the reference's vLLM sampler.",
+    )
     max_new_tokens: int = Field(
         1024, ge=1, description="Length limit of full (structure) traces; prefixes stop at prefix_length."
     )
     batch_size: int | None = Field(
-        None, ge=1, description="Questions generated together; null: 256 on a GPU, 16 on CPU (halved on OOM)."
+        None,
+        ge=1,
+        description="Questions generated together; null: on a GPU 256 or what fits in memory if less, "
+        "16 on CPU (a batch that runs out of memory is halved).",
+    )
+    prefix_batch_size: int | None = Field(
+        None,
+        ge=1,
+        description="Questions per prefix batch (they stop at k, so they can be larger); "
+        "null: batch_size if set, else on a GPU what fits in memory up to 2048, 16 on CPU.",
+    )
+    cache_implementation: Literal["dynamic", "static"] = Field(
+        "dynamic",
+        description="hf backend KV cache; static: fixed shapes, which transformers compiles on a GPU "
+        "(CUDA graphs), prompts padded to a multiple of 64.",
     )
     backend: Literal["auto", "hf", "vllm"] = Field(
         "auto", description="auto: vllm when it is installed and a GPU is present, else hf (transformers)."

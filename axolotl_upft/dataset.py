@@ -106,8 +106,9 @@ def build_rows(dataset, tokenizer, cfg, upft: UPFTConfig) -> list[Row]:
         upft=upft,
         settings=settings,
         stops=stops,
-        load_model=lambda: load_sampler(cfg.base_model, upft.sampling.backend, upft.sampling.tensor_parallel_size),
+        load_model=lambda: load_sampler(cfg.base_model, upft.sampling),
         pad_id=pad_id,
+        base_model=cfg.base_model,
     )
     train_on_inputs = bool(cfg.get("train_on_inputs"))
     rows, cut, unfinished, unsolved = [], 0, 0, 0

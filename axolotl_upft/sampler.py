@@ -3,11 +3,16 @@
 import importlib.util
 import logging
 import os
+from pathlib import Path
 
 import torch
+from transformers import LogitsProcessorList
 
 LOG = logging.getLogger(__name__)
-AUTO_BATCH = {"cuda": 256, "cpu": 16}
+AUTO_BATCH = {"cuda": 256, "cpu": 16}  # full-trace batches; on a GPU also capped by what fits in memory
+PREFIX_BATCH_CAP = 2048  # prefix batches hold only prompt + k tokens, so on a GPU they grow up to this
+MEMORY_SHARE = 0.5  # of the GPU memory left after the weights, for one batch's cache, activations and logits
+STATIC_WIDTH = 64  # with a static KV cache, prompt widths are padded to a multiple of this (fewer recompiles)
 
 
 def sampling_device() -> torch.device:
@@ -34,6 +39,57 @@ def resolve_batch_size(batch_size: int | None, backend: str) -> int:
     return AUTO_BATCH[sampling_device().type]
 
 
+def rows_that_fit(model_config: dict, *, width: int, new_tokens: int, memory_bytes: float, dtype_bytes: int = 2) -> int:
+    """Rows of one `generate` batch that fit in `memory_bytes`: the KV cache of width + new_tokens positions,
+    the prefill's activations of one layer (hidden states, q/k/v, MLP, attention scores) and the last
+    position's logits in fp32 (logits, processed scores, probabilities and a sort buffer)."""
+    c = model_config.get("text_config") or model_config
+    hidden, layers, heads = c["hidden_size"], c["num_hidden_layers"], c["num_attention_heads"]
+    kv_heads = c.get("num_key_value_heads") or heads
+    head_dim = c.get("head_dim") or hidden // heads
+    intermediate = c.get("intermediate_size") or 4 * hidden
+    kv_cache = 2 * layers * kv_heads * head_dim * (width + new_tokens) * dtype_bytes
+    prefill = width * (4 * hidden + 3 * intermediate) * dtype_bytes + heads * width * width * dtype_bytes
+    logits = 4 * c["vocab_size"] * 4
+    return max(1, int(memory_bytes // (kv_cache + prefill + logits)))
+
+
+def weight_bytes(base_model: str) -> int:
+    path = Path(base_model)
+    return sum(f.stat().st_size for f in path.glob("*.safetensors")) or sum(f.stat().st_size for f in path.glob("*.bin"))
+
+
+def resolve_batch_sizes(sampling, backend: str, base_model: str, widths: dict[str, int], limits: dict[str, int]) -> dict[str, int]:
+    """Questions per batch for each kind (prefix, full). Set sizes win (`prefix_batch_size`, else `batch_size`);
+    on a GPU the auto size is the most rows that fit in MEMORY_SHARE of the memory left after the weights,
+    up to PREFIX_BATCH_CAP for prefixes and AUTO_BATCH for full traces. It is computed from the device's
+    total memory and the model's config, never from free memory, so every rank plans the same batches."""
+    full = resolve_batch_size(sampling.batch_size, backend)
+    sizes = {kind: full for kind in widths}
+    if "prefix" in sizes and sampling.prefix_batch_size is not None:
+        sizes["prefix"] = sampling.prefix_batch_size
+    device = sampling_device()
+    if backend == "vllm" or device.type != "cuda" or not Path(base_model, "config.json").is_file():
+        return sizes
+    import json
+
+    config = json.loads(Path(base_model, "config.json").read_text())
+    memory = (torch.cuda.get_device_properties(device).total_memory - weight_bytes(base_model)) * MEMORY_SHARE
+    for kind, width in widths.items():
+        fit = rows_that_fit(config, width=width, new_tokens=limits[kind], memory_bytes=memory)
+        if kind == "prefix" and sampling.prefix_batch_size is None and sampling.batch_size is None:
+            sizes[kind] = min(PREFIX_BATCH_CAP, fit)
+        elif kind == "full" and sampling.batch_size is None:
+            sizes[kind] = min(AUTO_BATCH["cuda"], fit)
+    return sizes
+
+
+def pad_width(width: int, cache_implementation: str) -> int:
+    if cache_implementation != "static":
+        return width
+    return -(-width // STATIC_WIDTH) * STATIC_WIDTH
+
+
 def load_model(base_model: str, device: torch.device, **kwargs):
     from transformers import AutoModelForCausalLM
 
@@ -43,8 +99,8 @@ def load_model(base_model: str, device: torch.device, **kwargs):
     return model.to(device).eval()
 
 
-def left_pad(prompts: list[list[int]], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
-    width = max(len(p) for p in prompts)
+def left_pad(prompts: list[list[int]], pad_id: int, device, width: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    width = max(width, *(len(p) for p in prompts))
     ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
     mask = torch.zeros((len(prompts), width), dtype=torch.long)
     for row, prompt in enumerate(prompts):
@@ -60,6 +116,63 @@ def cut_at_stop(row: list[int], stop_ids: frozenset[int]) -> tuple[list[int], bo
     return row, False
 
 
+NUCLEUS_CANDIDATES = 1024  # top-p without top-k looks for the nucleus among this many top tokens first
+
+
+class CandidateSampler:
+    """Draws the next token itself, among the few tokens that temperature, top-k and top-p keep, and hands
+    `generate` a one-hot score, so `generate` runs greedy and never softmaxes, sorts or samples the whole
+    vocabulary (150K tokens x thousands of rows a step). The kept tokens and their scores are exactly those
+    of transformers' warper chain (`warp`); the chain itself runs when top-k values tie or the nucleus is
+    wider than NUCLEUS_CANDIDATES tokens."""
+
+    def __init__(self, temperature: float, top_k: int | None, top_p: float | None):
+        self.temperature, self.top_k, self.top_p = temperature, top_k or 0, top_p if top_p is not None else 1.0
+
+    def chain(self, scores: torch.Tensor) -> torch.Tensor:
+        from transformers.generation.logits_process import TopKLogitsWarper, TopPLogitsWarper
+
+        if 0 < self.top_k < scores.shape[-1]:
+            scores = TopKLogitsWarper(self.top_k)(None, scores)
+        return TopPLogitsWarper(self.top_p)(None, scores) if self.top_p < 1.0 else scores
+
+    def candidates(self, scores: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(scores, token ids) of the candidates, -inf where removed; ids None means the whole vocabulary."""
+        scores = scores / self.temperature
+        vocab = scores.shape[-1]
+        top_k = self.top_k if 0 < self.top_k < vocab else 0
+        if not top_k and self.top_p >= 1.0:
+            return scores, None
+        values, indices = torch.topk(scores, top_k or min(vocab, NUCLEUS_CANDIDATES), dim=-1)  # descending
+        if top_k and bool((scores >= values[..., -1:]).sum(-1).gt(top_k).any()):
+            return self.chain(scores), None  # ties at the k-th value: the chain keeps them all
+        if self.top_p >= 1.0:
+            return values, indices
+        ascending, indices = values.flip(-1), indices.flip(-1)
+        if top_k:
+            cumulative = ascending.softmax(-1).cumsum(-1)
+        else:
+            probs = (ascending - torch.logsumexp(scores, -1, keepdim=True)).exp()
+            outside = (1 - probs.sum(-1, keepdim=True)).clamp(min=0)
+            if bool(outside.gt(1 - self.top_p).any()):
+                return self.chain(scores), None  # the nucleus reaches beyond the candidates
+            cumulative = outside + probs.cumsum(-1)
+        remove = cumulative <= 1 - self.top_p
+        remove[..., -1] = False  # the most likely token always stays
+        return ascending.masked_fill(remove, -torch.inf), indices
+
+    def warp(self, scores: torch.Tensor) -> torch.Tensor:
+        """The warped scores over the whole vocabulary, as transformers' chain returns them."""
+        values, indices = self.candidates(scores)
+        return values if indices is None else torch.full_like(scores, -torch.inf).scatter(-1, indices, values)
+
+    def __call__(self, input_ids, scores: torch.Tensor) -> torch.Tensor:
+        values, indices = self.candidates(scores)
+        choice = torch.multinomial(values.softmax(-1), 1)
+        token = choice if indices is None else indices.gather(-1, choice)
+        return torch.full_like(scores, -torch.inf).scatter(-1, token, 0.0)
+
+
 @torch.inference_mode()
 def generate_batch(
     model,
@@ -72,13 +185,23 @@ def generate_batch(
     top_p: float | None,
     top_k: int | None,
     seed: int,
+    repetition_penalty: float = 1.0,
+    cache_implementation: str = "dynamic",
 ) -> list[tuple[list[int], bool]]:
-    """One sample per prompt: (generated ids up to and including the first stop id, stopped)."""
-    ids, mask = left_pad(prompts, pad_id, model.device)
+    """One sample per prompt: (generated ids up to and including the first stop id, stopped).
+
+    cache_implementation "static" gives `generate` a fixed-shape KV cache, which transformers compiles on a
+    GPU (CUDA graphs); prompts are then left-padded to a multiple of STATIC_WIDTH so batches share shapes."""
+    width = pad_width(max(len(p) for p in prompts), cache_implementation)
+    ids, mask = left_pad(prompts, pad_id, model.device, width)
     torch.manual_seed(seed)
-    options = {"do_sample": False} if temperature == 0 else {"do_sample": True, "temperature": temperature}
+    # generate runs greedy: with a temperature, CandidateSampler (a logits processor, after any repetition
+    # penalty as in transformers' order) has already drawn the token. Every knob is passed, so nothing else
+    # of the model's generation_config.json applies.
+    options = {"do_sample": False, "temperature": None, "top_k": None, "top_p": None,
+               "repetition_penalty": repetition_penalty}
     if temperature:
-        options |= {"top_p": top_p if top_p is not None else 1.0, "top_k": top_k or 0}
+        options["logits_processor"] = LogitsProcessorList([CandidateSampler(temperature, top_k, top_p)])
     out = model.generate(
         input_ids=ids,
         attention_mask=mask,
@@ -86,6 +209,7 @@ def generate_batch(
         min_new_tokens=0,
         eos_token_id=sorted(stop_ids),
         pad_token_id=pad_id,
+        **({"cache_implementation": "static"} if cache_implementation == "static" else {}),
         **options,
     )
     return [cut_at_stop(row, stop_ids) for row in out[:, ids.shape[1] :].tolist()]
@@ -94,12 +218,15 @@ def generate_batch(
 class HFSampler:
     """transformers `generate`; a batch that runs out of GPU memory is split in halves."""
 
-    def __init__(self, base_model: str):
+    def __init__(self, base_model: str, cache_implementation: str = "dynamic"):
         self.model = load_model(base_model, sampling_device())
+        self.cache_implementation = cache_implementation
 
     def generate(self, prompts: list[list[int]], *, seed: int, **kwargs) -> list[tuple[list[int], bool]]:
         try:
-            return generate_batch(self.model, prompts, seed=seed, **kwargs)
+            return generate_batch(
+                self.model, prompts, seed=seed, cache_implementation=self.cache_implementation, **kwargs
+            )
         except torch.cuda.OutOfMemoryError:
             if len(prompts) == 1:
                 raise
@@ -121,7 +248,8 @@ class VLLMSampler:
 
         self.llm = LLM(model=base_model, tensor_parallel_size=tensor_parallel_size, dtype="bfloat16")
 
-    def generate(self, prompts, *, max_new_tokens, stop_ids, pad_id, temperature, top_p, top_k, seed):
+    def generate(self, prompts, *, max_new_tokens, stop_ids, pad_id, temperature, top_p, top_k, seed,
+                 repetition_penalty=1.0):
         from vllm import SamplingParams, TokensPrompt
 
         params = [
@@ -130,6 +258,7 @@ class VLLMSampler:
                 temperature=temperature,
                 top_p=top_p if top_p is not None else 1.0,
                 top_k=top_k if top_k else -1,
+                repetition_penalty=repetition_penalty,
                 max_tokens=max_new_tokens,
                 stop_token_ids=sorted(stop_ids),
                 seed=seed + i,
@@ -141,7 +270,7 @@ class VLLMSampler:
         return [cut_at_stop(list(o.outputs[0].token_ids), stop_ids) for o in outputs]
 
 
-def load_sampler(base_model: str, backend: str, tensor_parallel_size: int = 1):
-    if resolve_backend(backend) == "vllm":
-        return VLLMSampler(base_model, tensor_parallel_size)
-    return HFSampler(base_model)
+def load_sampler(base_model: str, sampling):
+    if resolve_backend(sampling.backend) == "vllm":
+        return VLLMSampler(base_model, sampling.tensor_parallel_size)
+    return HFSampler(base_model, sampling.cache_implementation)

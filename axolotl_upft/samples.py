@@ -45,6 +45,18 @@ class Distributed:
 
             dist.barrier()
 
+    def minimum(self, values: dict[str, int]) -> dict[str, int]:
+        """The smallest of each value over ranks, so ranks on different GPUs still plan the same batches."""
+        if self.world_size == 1 or not values:
+            return values
+        import torch
+        import torch.distributed as dist
+
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if torch.cuda.is_available() else "cpu"
+        tensor = torch.tensor(list(values.values()), dtype=torch.long, device=device)
+        dist.all_reduce(tensor, op=dist.ReduceOp.MIN)
+        return dict(zip(values, tensor.tolist()))
+
     def close(self) -> None:
         if self.group_initialized:
             import torch.distributed as dist
@@ -140,6 +152,7 @@ def sampling_settings(upft: UPFTConfig, generation_config: dict) -> dict:
         "temperature": s.temperature,
         "top_p": s.top_p if s.top_p is not None else generation_config.get("top_p", 1.0),
         "top_k": s.top_k if s.top_k is not None else generation_config.get("top_k", 0),
+        "repetition_penalty": s.repetition_penalty,
         "max_new_tokens": s.max_new_tokens,
     }
 
@@ -166,12 +179,15 @@ def open_cache(
     return cache, settings, stops
 
 
-def plan_batches(missing: list[Question], batch_size: int) -> list[list[Question]]:
-    """Prefix and full questions apart (a prefix batch stops at k), length-sorted to cut padding."""
+def plan_batches(missing: list[Question], batch_size: int | dict[str, int]) -> list[list[Question]]:
+    """Prefix and full questions apart (a prefix batch stops at k), length-sorted to cut padding.
+    `batch_size` is one size, or one per kind."""
+    sizes = batch_size if isinstance(batch_size, dict) else {PREFIX: batch_size, FULL: batch_size}
     batches = []
     for kind in (PREFIX, FULL):
         group = sorted((q for q in missing if q.kind == kind), key=lambda q: (len(q.prompt_ids), q.index))
-        batches += [group[i : i + batch_size] for i in range(0, len(group), batch_size)]
+        size = sizes.get(kind, 1)
+        batches += [group[i : i + size] for i in range(0, len(group), size)]
     return batches
 
 
@@ -188,9 +204,10 @@ def sample_questions(
     stops: frozenset[int],
     load_model: Callable[[], object],
     pad_id: int,
+    base_model: str = "",
 ) -> dict[int, Record]:
     """Sample every question the cache lacks (this rank's share of batches); return all records."""
-    from .sampler import resolve_backend, resolve_batch_size
+    from .sampler import resolve_backend, resolve_batch_sizes
 
     rank, world_size, barrier = DISTRIBUTED.rank, DISTRIBUTED.world_size, DISTRIBUTED.barrier
 
@@ -198,27 +215,34 @@ def sample_questions(
     check_records(done, questions, cache)
     barrier()
     missing = [q for q in questions if q.index not in done]
-    batch_size = resolve_batch_size(upft.sampling.batch_size, resolve_backend(upft.sampling.backend))
-    batches = plan_batches(missing, batch_size)
+    limits = {PREFIX: upft.prefix_length, FULL: settings["max_new_tokens"]}
+    widths = {
+        kind: max(len(q.prompt_ids) for q in group)
+        for kind in (PREFIX, FULL)
+        if (group := [q for q in missing if q.kind == kind])
+    }
+    backend = resolve_backend(upft.sampling.backend)
+    batch_sizes = DISTRIBUTED.minimum(resolve_batch_sizes(upft.sampling, backend, base_model, widths, limits))
+    batches = plan_batches(missing, batch_sizes)
     mine = batches[rank::world_size]
     started, new_tokens = time.perf_counter(), 0
     if mine:
         LOG.info(
-            "UPFT: sampling %d of %d questions (%d cached) in %d batches on rank %d/%d",
-            sum(map(len, mine)), len(questions), len(done), len(mine), rank, world_size,
+            "UPFT: sampling %d of %d questions (%d cached) in %d batches of up to %s on rank %d/%d",
+            sum(map(len, mine)), len(questions), len(done), len(mine), batch_sizes, rank, world_size,
         )
         model = load_model()
         bar = tqdm(total=len(missing), desc="UPFT sampling", unit="q", disable=rank != 0)
         for batch in mine:
-            limit = upft.prefix_length if batch[0].kind == PREFIX else settings["max_new_tokens"]
             outputs = model.generate(
                 [q.prompt_ids for q in batch],
-                max_new_tokens=limit,
+                max_new_tokens=limits[batch[0].kind],
                 stop_ids=stops,
                 pad_id=pad_id,
                 temperature=settings["temperature"],
                 top_p=settings["top_p"],
                 top_k=settings["top_k"],
+                repetition_penalty=settings["repetition_penalty"],
                 seed=batch_seed(upft.seed, batch),
             )
             records = [
