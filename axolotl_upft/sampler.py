@@ -117,24 +117,25 @@ def cut_at_stop(row: list[int], stop_ids: frozenset[int]) -> tuple[list[int], bo
 
 
 NUCLEUS_CANDIDATES = 1024  # top-p without top-k looks for the nucleus among this many top tokens first
+TIE_WINDOW = 16  # top-k keeps tokens tied with the k-th score among the next max(k, 16) tokens
 
 
 class CandidateSampler:
     """Draws the next token itself, among the few tokens that temperature, top-k and top-p keep, and hands
     `generate` a one-hot score, so `generate` runs greedy and never softmaxes, sorts or samples the whole
-    vocabulary (150K tokens x thousands of rows a step). The kept tokens and their scores are exactly those
-    of transformers' warper chain (`warp`); the chain itself runs when top-k values tie or the nucleus is
-    wider than NUCLEUS_CANDIDATES tokens."""
+    vocabulary (150K tokens x thousands of rows a step). The kept tokens and scores are those of
+    transformers' warper chain (`warp`), with two bounds: top-k keeps ties with the k-th score among the
+    next max(k, TIE_WINDOW) tokens only (transformers keeps every tie), and top-p without top-k runs the
+    chain itself when the nucleus is wider than NUCLEUS_CANDIDATES tokens. With top-k set, a step has no
+    host synchronisation."""
 
     def __init__(self, temperature: float, top_k: int | None, top_p: float | None):
         self.temperature, self.top_k, self.top_p = temperature, top_k or 0, top_p if top_p is not None else 1.0
 
     def chain(self, scores: torch.Tensor) -> torch.Tensor:
-        from transformers.generation.logits_process import TopKLogitsWarper, TopPLogitsWarper
+        from transformers.generation.logits_process import TopPLogitsWarper
 
-        if 0 < self.top_k < scores.shape[-1]:
-            scores = TopKLogitsWarper(self.top_k)(None, scores)
-        return TopPLogitsWarper(self.top_p)(None, scores) if self.top_p < 1.0 else scores
+        return TopPLogitsWarper(self.top_p)(None, scores)
 
     def candidates(self, scores: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         """(scores, token ids) of the candidates, -inf where removed; ids None means the whole vocabulary."""
@@ -143,9 +144,10 @@ class CandidateSampler:
         top_k = self.top_k if 0 < self.top_k < vocab else 0
         if not top_k and self.top_p >= 1.0:
             return scores, None
-        values, indices = torch.topk(scores, top_k or min(vocab, NUCLEUS_CANDIDATES), dim=-1)  # descending
-        if top_k and bool((scores >= values[..., -1:]).sum(-1).gt(top_k).any()):
-            return self.chain(scores), None  # ties at the k-th value: the chain keeps them all
+        width = min(vocab, top_k + max(top_k, TIE_WINDOW) if top_k else NUCLEUS_CANDIDATES)
+        values, indices = torch.topk(scores, width, dim=-1)  # descending
+        if top_k:
+            values = values.masked_fill(values < values[..., top_k - 1 : top_k], -torch.inf)
         if self.top_p >= 1.0:
             return values, indices
         ascending, indices = values.flip(-1), indices.flip(-1)
