@@ -124,13 +124,13 @@ def write_questions(path: Path, source: Path, n: int) -> list[str]:
     return texts
 
 
-def tiny_model(out: Path, texts: list[str]) -> Path:
+def tiny_model(out: Path, texts: list[str], hidden: int, layers: int) -> Path:
     sys.path.insert(0, str(ROOT / "tests"))
     import tiny
 
     from axolotl_upft.args import REFERENCE_INSTRUCTION
 
-    return tiny.build_model(out, texts + [REFERENCE_INSTRUCTION])
+    return tiny.build_model(out, texts + [REFERENCE_INSTRUCTION], hidden=hidden, layers=layers)
 
 
 def base_config(args, model: Path, bf16: bool) -> dict:
@@ -226,6 +226,8 @@ def main(argv=None) -> dict:
     parser.add_argument("--adapter", choices=["lora", "none"], default="lora")
     parser.add_argument("--work", type=Path, default=None, help="run folder (default: a new temp folder)")
     parser.add_argument("--timeout", type=int, default=1800, help="seconds per axolotl run")
+    parser.add_argument("--tiny-hidden", type=int, default=32, help="hidden size of the default tiny model")
+    parser.add_argument("--tiny-layers", type=int, default=2, help="layers of the default tiny model")
     args = parser.parse_args(argv)
 
     import torch
@@ -233,7 +235,7 @@ def main(argv=None) -> dict:
     work = args.work or Path(tempfile.mkdtemp(prefix="upft-bench-"))
     work.mkdir(parents=True, exist_ok=True)
     texts = write_questions(work / "questions.jsonl", args.data, args.questions)
-    model = args.model or tiny_model(work / "tiny-model", texts)
+    model = args.model or tiny_model(work / "tiny-model", texts, args.tiny_hidden, args.tiny_layers)
     bf16 = torch.cuda.is_available()
     base = base_config(args, model, bf16)
 
