@@ -1,6 +1,7 @@
 """Self-sampling backends, token ids in and out: transformers `generate` (hf) and vLLM (vllm)."""
 
 import importlib.util
+import json
 import logging
 import os
 from pathlib import Path
@@ -71,8 +72,6 @@ def resolve_batch_sizes(sampling, backend: str, base_model: str, widths: dict[st
     device = sampling_device()
     if backend == "vllm" or device.type != "cuda" or not Path(base_model, "config.json").is_file():
         return sizes
-    import json
-
     config = json.loads(Path(base_model, "config.json").read_text())
     memory = (torch.cuda.get_device_properties(device).total_memory - weight_bytes(base_model)) * MEMORY_SHARE
     for kind, width in widths.items():
@@ -204,6 +203,8 @@ def generate_batch(
                "repetition_penalty": repetition_penalty}
     if temperature:
         options["logits_processor"] = LogitsProcessorList([CandidateSampler(temperature, top_k, top_p)])
+    if cache_implementation == "static":
+        options["cache_implementation"] = "static"
     out = model.generate(
         input_ids=ids,
         attention_mask=mask,
@@ -211,7 +212,6 @@ def generate_batch(
         min_new_tokens=0,
         eos_token_id=sorted(stop_ids),
         pad_token_id=pad_id,
-        **({"cache_implementation": "static"} if cache_implementation == "static" else {}),
         **options,
     )
     return [cut_at_stop(row, stop_ids) for row in out[:, ids.shape[1] :].tolist()]
