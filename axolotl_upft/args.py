@@ -7,6 +7,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 ARGS_PATH = f"{__name__}.UPFTArgs"  # what the plugin hands Axolotl; also how a registered plugin is recognised
 DEFAULT_PREPARED_PATH = "last_run_prepared"  # Axolotl's default dataset_prepared_path
+AXOLOTL_SEQUENCE_LEN = 512  # Axolotl's default sequence_len (its config always carries one)
 REFERENCE_INSTRUCTION = (
     "Please provide the initial step towards resolving the question. "
     "This step may serve as a foundation but might not encompass the entire solution."

@@ -16,6 +16,7 @@ from pathlib import Path
 
 FORMAT = "axolotl-upft-samples/1"
 TMP_PREFIX = ".tmp-"
+WEIGHT_SUFFIXES = (".safetensors", ".bin")  # weights as transformers and PEFT save them, sharded or not
 
 
 def digest(value) -> str:
@@ -28,12 +29,23 @@ def ids_digest(ids: list[int]) -> str:
     return hashlib.sha256(json.dumps(ids, separators=(",", ":")).encode()).hexdigest()[:16]
 
 
+def weight_files(folder: Path) -> list[Path]:
+    """The weight files of a model or adapter folder; .safetensors when there are any, else .bin."""
+    files = sorted(p for p in folder.glob("*") if p.suffix in WEIGHT_SUFFIXES) if folder.is_dir() else []
+    safetensors = [p for p in files if p.suffix == ".safetensors"]
+    return safetensors or files
+
+
 def atomic_write_text(path: Path, text: str) -> None:
+    atomic_write_bytes(path, text.encode())
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=TMP_PREFIX, dir=path.parent)
     try:
-        with os.fdopen(fd, "w") as handle:
-            handle.write(text)
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(data)
             handle.flush()
             os.fsync(handle.fileno())
         os.replace(tmp, path)

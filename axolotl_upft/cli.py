@@ -87,8 +87,8 @@ main.add_command(sample_command, name="sample")
               help="Folder of the named benchmarks (default: $UPFT_DATA_DIR or ../shared/data).")
 def eval_command(model_path, adapter, benchmarks, limit, output, system_prompt, max_new_tokens, batch_size, data_dir):
     """Greedy, zero-shot accuracy on math benchmarks (shards across ranks under torchrun)."""
-    from .evaluate import evaluate
     from .distributed import Distributed
+    from .evaluate import evaluate
 
     dist = Distributed.from_env()
     try:
@@ -125,8 +125,8 @@ def analyze_command(config, samples, lengths, num_questions, max_new_tokens, out
 
     from .analyze import analyze
     from .dataset import upft_config
-    from .prompts import question_text
     from .generation import resolve_batch_size
+    from .prompts import question_text
 
     cfg = load_config_single_process(load_cfg, config)
     upft = upft_config(cfg)

@@ -24,10 +24,11 @@ import torch
 from transformers import AutoTokenizer
 
 from axolotl_upft.args import UPFTConfig
+from axolotl_upft.generation import HFSampler, left_pad, resolve_batch_sizes, sampling_device
+from axolotl_upft.loop import Prompt, plan_batches
 from axolotl_upft.prompts import chat_messages, pad_token_id, render_prompt_ids
 from axolotl_upft.rows import FULL, PREFIX, question_kinds
-from axolotl_upft.generation import HFSampler, left_pad, resolve_batch_sizes, sampling_device
-from axolotl_upft.selfsample import Question, plan_batches, read_generation_config, sampling_settings, stop_ids
+from axolotl_upft.selfsample import read_generation_config, sampling_options, sampling_settings, stop_ids
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT.parent / "shared" / "data" / "gsm8k_test.jsonl"
@@ -42,7 +43,7 @@ def load_questions(n: int, path: Path) -> list[str]:
     return [questions[i % len(questions)] for i in range(n)]
 
 
-def timed_sampling(sampler, questions: list[Question], batch_size: dict, limits: dict, options: dict) -> dict:
+def timed_sampling(sampler, questions: list[Prompt], batch_size: dict, limits: dict, options: dict) -> dict:
     if sampler.model.device.type == "cuda":
         torch.cuda.synchronize()
     start, tokens = time.perf_counter(), 0
@@ -84,7 +85,7 @@ def prefix_speed(args, prompts: list[list[int]], options: dict) -> dict:
     upft = UPFTConfig(prefix_length=args.k, sampling={
         "prefix_batch_size": args.prefix_batch_size, "cache_implementation": args.cache_implementation})
     sizes = resolve_batch_sizes(upft.sampling, "hf", args.model, {PREFIX: args.width}, {PREFIX: args.k})
-    sampler = HFSampler(args.model, args.cache_implementation)
+    sampler = HFSampler.load(args.model, args.cache_implementation)
     device_type = sampler.model.device.type
     if device_type == "cuda":
         torch.cuda.reset_peak_memory_stats()
@@ -99,7 +100,7 @@ def prefix_speed(args, prompts: list[list[int]], options: dict) -> dict:
                 top_k=options["top_k"] or 0, top_p=options["top_p"] or 1.0, repetition_penalty=1.0,
             )
 
-    questions = [Question(i, "", p, PREFIX) for i, p in enumerate(prompts)]
+    questions = [Prompt(i, p, PREFIX) for i, p in enumerate(prompts)]
 
     def ours():
         for i, batch in enumerate(plan_batches(questions, sizes)):
@@ -136,13 +137,8 @@ def main(argv=None) -> dict:
     upft = UPFTConfig(prefix_length=args.k, structure_ratio=args.p,
                       sampling={"temperature": args.temperature, "max_new_tokens": args.max_new_tokens})
     generation_config = read_generation_config(args.model)
-    settings = sampling_settings(upft, generation_config)
-    options = {
-        "stop_ids": stop_ids(tokenizer, generation_config),
-        "pad_id": pad_token_id(tokenizer),
-        "temperature": settings["temperature"], "top_p": settings["top_p"], "top_k": settings["top_k"],
-        "repetition_penalty": settings["repetition_penalty"],
-    }
+    settings = sampling_settings(upft.sampling, generation_config)
+    options = sampling_options(settings, stop_ids(tokenizer, generation_config), pad_token_id(tokenizer))
     texts = load_questions(args.n, args.data)
     prompts = [render_prompt_ids(tokenizer, chat_messages(t, None)) for t in texts]
     if args.speed:
@@ -154,15 +150,14 @@ def main(argv=None) -> dict:
         print()
         return result
     kinds = question_kinds(len(texts), args.p, upft.seed)
-    limits = {"prefix": args.k, "full": args.max_new_tokens}
-    sampler = HFSampler(args.model, args.cache_implementation)
+    limits = {PREFIX: args.k, FULL: args.max_new_tokens}
+    sampler = HFSampler.load(args.model, args.cache_implementation)
     sampler.generate(prompts[:2], max_new_tokens=2, seed=0, **options)  # warm-up
     sizes = {PREFIX: args.prefix_batch_size or args.batch_size, FULL: args.batch_size}
 
-    upft_q = [Question(i, t, p, k) for i, (t, p, k) in enumerate(zip(texts, prompts, kinds))]
-    sft_q = [Question(i, t, p, FULL) for i, (t, p) in enumerate(zip(texts, prompts))]
-    rft_q = [Question(i * args.rft_samples + j, t, p, FULL)
-             for i, (t, p) in enumerate(zip(texts, prompts)) for j in range(args.rft_samples)]
+    upft_q = [Prompt(i, p, k) for i, (p, k) in enumerate(zip(prompts, kinds))]
+    sft_q = [Prompt(i, p, FULL) for i, p in enumerate(prompts)]
+    rft_q = [Prompt(i * args.rft_samples + j, p, FULL) for i, p in enumerate(prompts) for j in range(args.rft_samples)]
     result = {
         "device": str(sampling_device()), "model": args.model, "n": args.n, "k": args.k, "p": args.p,
         "max_new_tokens": args.max_new_tokens, "batch_size": args.batch_size, "prefix_batch_size": sizes[PREFIX],

@@ -10,9 +10,9 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("AXOLOTL_DO_NOT_TRACK", "1")
 os.environ.setdefault("WANDB_MODE", "disabled")
 
-import tiny  # noqa: E402
+import tiny
 
-from axolotl_upft.args import REFERENCE_INSTRUCTION  # noqa: E402
+from axolotl_upft.args import REFERENCE_INSTRUCTION
 
 
 @pytest.fixture(scope="session")

@@ -88,7 +88,7 @@ def test_a_corrupt_or_foreign_file_in_the_cache_is_an_error_never_reused(
 ):
     run(questions, tiny_model, tiny_tokenizer, tmp_path)
     (run_dir,) = tmp_path.iterdir()
-    part = sorted(run_dir.glob("part-*.jsonl"))[0]
+    part = min(run_dir.glob("part-*.jsonl"))
     part.write_text(part.read_text()[:-20])
     with pytest.raises(RuntimeError, match=f"{part.name} is corrupt.*Delete it"):
         run(questions, tiny_model, tiny_tokenizer, tmp_path)

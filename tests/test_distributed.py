@@ -10,7 +10,6 @@ from pathlib import Path
 
 import pytest
 import yaml
-
 from test_axolotl_e2e import write_config
 
 pytestmark = pytest.mark.slow
@@ -36,7 +35,7 @@ def sample_config(tmp: Path, model: Path, questions: list[dict], name: str, **up
 
 
 def run(args: list[str], timeout: int = 300) -> str:
-    done = subprocess.run(args, env=env(), capture_output=True, text=True, timeout=timeout)
+    done = subprocess.run(args, env=env(), capture_output=True, text=True, timeout=timeout, check=False)
     assert done.returncode == 0, (done.stdout + done.stderr)[-4000:]
     return done.stdout
 
@@ -93,7 +92,7 @@ def test_a_killed_run_resumes_without_duplicates_or_losses(tmp_path, tiny_model,
     assert 3 <= done_before < 24, "killed part-way"
 
     out = run([sys.executable, "-m", "axolotl_upft.cli", "sample", str(config)])
-    assert f'"tokens_generated_this_run": ' in out
+    assert '"tokens_generated_this_run": ' in out
     files = cache_files(config)
     assert files == cache_files(reference), "no duplicate, no partial row, the very samples of a clean run"
     summary = yaml.safe_load(next((samples).glob("*/summary.json")).read_text())

@@ -1,4 +1,4 @@
-"""Batch sizes and the static KV cache of the hf backend: sizes per kind, memory estimate, same samples."""
+"""The generation backends: batch sizes per kind, memory estimate, static KV cache, the candidate sampler."""
 
 import json
 
@@ -9,7 +9,6 @@ from axolotl.utils.dict import DictDefault
 from axolotl_upft import generation
 from axolotl_upft.args import UPFTConfig
 from axolotl_upft.dataset import build_rows
-from axolotl_upft.selfsample import Question, plan_batches
 
 # The public Qwen2.5-0.5B and Qwen2.5-7B shapes (config.json keys the estimate reads)
 QWEN_05B = {"hidden_size": 896, "num_hidden_layers": 24, "num_attention_heads": 14, "num_key_value_heads": 2,
@@ -58,15 +57,6 @@ def test_batch_sizes_per_kind_on_cpu(sampling, expected, tiny_model):
     assert sizes == expected
 
 
-def test_plan_batches_uses_each_kinds_size():
-    questions = [Question(i, "", [1] * (i % 5 + 1), "prefix" if i % 4 else "full") for i in range(40)]
-    batches = plan_batches(questions, {"prefix": 8, "full": 3})
-    assert [len(b) for b in batches] == [8, 8, 8, 6, 3, 3, 3, 1]
-    assert all(len({q.kind for q in b}) == 1 for b in batches)
-    assert sorted(q.index for b in batches for q in b) == list(range(40))
-    assert plan_batches(questions, 8) == plan_batches(questions, {"prefix": 8, "full": 8})
-
-
 def test_static_width_pads_prompts_to_a_multiple_of_64():
     assert [generation.pad_width(w, "static") for w in (1, 64, 65, 160)] == [64, 64, 128, 192]
     assert generation.pad_width(65, "dynamic") == 65
@@ -110,7 +100,11 @@ def test_prefix_batch_size_and_static_cache_reach_the_sampler_through_the_upft_b
 
 def chain(scores, temperature, top_k, top_p):
     """transformers' own warper chain, as `generate` builds it from temperature, top_k and top_p."""
-    from transformers.generation.logits_process import TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
+    from transformers.generation.logits_process import (
+        TemperatureLogitsWarper,
+        TopKLogitsWarper,
+        TopPLogitsWarper,
+    )
 
     scores = TemperatureLogitsWarper(temperature)(None, scores)
     if top_k:
