@@ -132,7 +132,9 @@ def suggest_k(
 
 def _check_args(samples, lengths, max_new_tokens, temperature, threshold, batch_size, questions) -> list[int]:
     if not questions:
-        raise ValueError(f"questions is empty; pass rows with a question ({', '.join(QUESTION_FIELDS)} or messages)")
+        raise ValueError(
+            f"questions is empty; pass rows with a question ({', '.join(QUESTION_FIELDS)} or messages)"
+        )
     if samples < 2:
         raise ValueError(
             f"samples must be >= 2 to compare prefixes, got {samples}; the paper's figure uses 32"
@@ -179,22 +181,23 @@ def analyze(
     lengths = _check_args(samples, lengths, max_new_tokens, temperature, threshold, batch_size, questions)
     started = time.perf_counter()
     texts = [question_text(row, i) for i, row in enumerate(questions)]
-    with_gold = all(row.get(answer_field) not in (None, "") for row in questions)
-    if not with_gold:
-        LOG.info("UPFT analyze: not every row has %r, so prefix accuracy is skipped", answer_field)
-    golds = [gold_answer(row, field=answer_field) for row in questions] if with_gold else None
+    golds = gold_answers(questions, answer_field)
     if tokenizer is None:
         from transformers import AutoTokenizer
 
         tokenizer = AutoTokenizer.from_pretrained(model_path)
     check_tokenizer(tokenizer)
-    sampling = SamplingConfig(temperature=temperature, top_p=top_p, top_k=top_k, max_new_tokens=max_new_tokens)
+    sampling = SamplingConfig(
+        temperature=temperature, top_p=top_p, top_k=top_k, max_new_tokens=max_new_tokens
+    )
     settings = sampling_settings(sampling, read_generation_config(model_path))
     settings |= {"seed": seed, "batch_size": batch_size}
     trajectories = sample(model_path, tokenizer, texts, samples, settings, system_prompt, Path(output_dir))
     correct = None
-    if with_gold:
-        correct = [[is_correct(tokenizer, ids, gold) for ids in runs] for runs, gold in zip(trajectories, golds)]
+    if golds is not None:
+        correct = [
+            [is_correct(tokenizer, ids, gold) for ids in runs] for runs, gold in zip(trajectories, golds)
+        ]
     result = {
         "model": model_path,
         "questions": len(questions),
@@ -210,6 +213,14 @@ def analyze(
     plot(result, out / "analysis.png")
     LOG.info("UPFT analyze: suggested prefix_length %d (%s)", result["suggested_k"], result["reason"])
     return result
+
+
+def gold_answers(questions: list[dict], answer_field: str) -> list[str] | None:
+    """Every row's gold answer, or None (no prefix accuracy) unless every row has one."""
+    if all(row.get(answer_field) not in (None, "") for row in questions):
+        return [gold_answer(row, field=answer_field) for row in questions]
+    LOG.info("UPFT analyze: not every row has %r, so prefix accuracy is skipped", answer_field)
+    return None
 
 
 def tabulate(trajectories, correct: list[list[bool]] | None, lengths: list[int], threshold: float) -> dict:
@@ -234,11 +245,15 @@ def tabulate(trajectories, correct: list[list[bool]] | None, lengths: list[int],
     }
 
 
-def sample(model_path, tokenizer, texts, samples, settings, system_prompt, out: Path) -> list[list[list[int]]]:
+def sample(
+    model_path, tokenizer, texts, samples, settings, system_prompt, out: Path
+) -> list[list[list[int]]]:
     """``samples`` trajectories (generated ids) per question; request q * samples + j is draw j of question q.
     The draws are kept under ``out``/parts, so a killed analysis resumes."""
     prompts = [render_prompt_ids(tokenizer, chat_messages(text, system_prompt)) for text in texts]
-    requests = [Prompt(q * samples + j, prompt, KIND) for q, prompt in enumerate(prompts) for j in range(samples)]
+    requests = [
+        Prompt(q * samples + j, prompt, KIND) for q, prompt in enumerate(prompts) for j in range(samples)
+    ]
     stops = stop_ids(tokenizer, read_generation_config(model_path))
     meta = {
         "task": "analyze",

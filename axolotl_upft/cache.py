@@ -88,7 +88,9 @@ class SampleCache:
                     f"{self.key!r}). Point upft.cache_dir elsewhere or delete {self.dir}."
                 )
         else:
-            atomic_write_text(meta_path, json.dumps({"format": FORMAT, "key": self.key, **self.meta}, indent=2))
+            atomic_write_text(
+                meta_path, json.dumps({"format": FORMAT, "key": self.key, **self.meta}, indent=2)
+            )
 
     def load(self) -> dict[int, Record]:
         records: dict[int, Record] = {}
@@ -121,7 +123,9 @@ class SampleCache:
         try:
             return json.loads(path.read_text())
         except (json.JSONDecodeError, UnicodeDecodeError) as err:
-            raise RuntimeError(f"{path} is corrupt ({err}). Delete it; its samples will be redrawn.") from None
+            raise RuntimeError(
+                f"{path} is corrupt ({err}). Delete it; its samples will be redrawn."
+            ) from None
 
     def _read_part(self, path: Path) -> list[Record]:
         try:
@@ -129,7 +133,9 @@ class SampleCache:
             header = json.loads(lines[0]) if lines else {}
             rows = [json.loads(line) for line in lines[1:]]
         except (json.JSONDecodeError, UnicodeDecodeError) as err:
-            raise RuntimeError(f"{path} is corrupt ({err}). Delete it; its samples will be redrawn.") from None
+            raise RuntimeError(
+                f"{path} is corrupt ({err}). Delete it; its samples will be redrawn."
+            ) from None
         if header.get("format") != FORMAT or header.get("key") != self.key:
             raise RuntimeError(
                 f"{path} is not a sample file of this run (header {header!r}, expected key {self.key!r}). "
@@ -143,4 +149,6 @@ class SampleCache:
         try:
             return [Record(r["i"], r["kind"], r["q"], r["ids"], r["stop"]) for r in rows]
         except KeyError as err:
-            raise RuntimeError(f"{path}: a record lacks {err}. Delete it; its samples will be redrawn.") from None
+            raise RuntimeError(
+                f"{path}: a record lacks {err}. Delete it; its samples will be redrawn."
+            ) from None

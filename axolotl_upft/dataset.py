@@ -38,7 +38,9 @@ def group_by_row(questions: list[Question]) -> dict[int, list[Question]]:
     return groups
 
 
-def training_prompts(groups: dict[int, list[Question]], tokenizer, upft: UPFTConfig, sequence_len: int) -> dict:
+def training_prompts(
+    groups: dict[int, list[Question]], tokenizer, upft: UPFTConfig, sequence_len: int
+) -> dict:
     """Prompt ids each row trains on (prefix rows carry the instruction), checked before any sampling."""
     instruction = upft.prefix_instruction or None
     prompts = {}
@@ -50,8 +52,9 @@ def training_prompts(groups: dict[int, list[Question]], tokenizer, upft: UPFTCon
         )
         if len(prompts[row]) >= sequence_len:
             raise ValueError(
-                f"row {row}: its prompt is {len(prompts[row])} tokens, not shorter than sequence_len={sequence_len}, "
-                "so no response token would be trained. Raise `sequence_len`, shorten the question, or drop the row."
+                f"row {row}: its prompt is {len(prompts[row])} tokens, not shorter than "
+                f"sequence_len={sequence_len}, so no response token would be trained. "
+                "Raise `sequence_len`, shorten the question, or drop the row."
             )
     return prompts
 
@@ -81,7 +84,9 @@ class UPFTDatasetStrategy(DatasetWrappingStrategy):
             "labels": [r.labels for r in rows],
         }
         # The sample folder travels with the rows, so `axolotl-upft sample` can read its summary.json back.
-        return Dataset.from_dict(columns, info=DatasetInfo(description=json.dumps({SAMPLES_DIR: str(cache.dir)})))
+        return Dataset.from_dict(
+            columns, info=DatasetInfo(description=json.dumps({SAMPLES_DIR: str(cache.dir)}))
+        )
 
 
 def build_rows(dataset, tokenizer, cfg, upft: UPFTConfig) -> list[Row]:
@@ -97,7 +102,9 @@ def sample_and_build(dataset, tokenizer, cfg, upft: UPFTConfig) -> tuple[list[Ro
     questions = prepare_questions(dataset, tokenizer, upft)
     groups = group_by_row(questions)
     prompts = training_prompts(groups, tokenizer, upft, sequence_len)
-    cache, settings, stops = open_cache(str(upft.sample_cache_root(cfg)), cfg.base_model, tokenizer, upft, questions)
+    cache, settings, stops = open_cache(
+        str(upft.sample_cache_root(cfg)), cfg.base_model, tokenizer, upft, questions
+    )
     records = sample_questions(
         questions,
         cache,
@@ -137,13 +144,18 @@ def make_row(target: str, prompt: list[int], record: Record, tokenizer, stops, u
     )
 
 
-def report_rows(rows: list[Row], counts: Counter, upft: UPFTConfig, questions: int, sequence_len: int, cache) -> None:
+def report_rows(
+    rows: list[Row], counts: Counter, upft: UPFTConfig, questions: int, sequence_len: int, cache
+) -> None:
     """Log what was built; warn about dropped, unfinished and cut rows; refuse an empty dataset."""
     full = sum(r.kind == FULL for r in rows)
     if counts["unsolved"]:
         LOG.warning(
             "UPFT (%s): %d of %d questions had no sample with the gold answer among %d and were dropped",
-            "rft" if upft.mode == "rft" else "label_filter", counts["unsolved"], questions, upft.num_samples,
+            "rft" if upft.mode == "rft" else "label_filter",
+            counts["unsolved"],
+            questions,
+            upft.num_samples,
         )
     if not rows:
         raise ValueError(
@@ -152,18 +164,27 @@ def report_rows(rows: list[Row], counts: Counter, upft: UPFTConfig, questions: i
         )
     LOG.info(
         "UPFT: %d rows (%d prefix with k=%d, %d full), %d trained tokens; samples in %s",
-        len(rows), len(rows) - full, upft.prefix_length, full, sum(r.num_trained for r in rows), cache.dir,
+        len(rows),
+        len(rows) - full,
+        upft.prefix_length,
+        full,
+        sum(r.num_trained for r in rows),
+        cache.dir,
     )
     if counts["unfinished"]:
         LOG.warning(
             "UPFT: %d of %d full traces reached sampling.max_new_tokens=%d before EOS; they are trained "
             "without an EOS. Raise upft.sampling.max_new_tokens to keep whole traces.",
-            counts["unfinished"], full, upft.sampling.max_new_tokens,
+            counts["unfinished"],
+            full,
+            upft.sampling.max_new_tokens,
         )
     if counts["cut"]:
         LOG.warning(
             "UPFT: %d rows were longer than sequence_len=%d and lost their last tokens (the prompt is kept "
-            "whole). Raise sequence_len to keep them.", counts["cut"], sequence_len,
+            "whole). Raise sequence_len to keep them.",
+            counts["cut"],
+            sequence_len,
         )
 
 

@@ -53,10 +53,13 @@ def evaluate(
     texts = [question_text(row, i) for i, row in enumerate(rows)]
     tokenizer = load_tokenizer(model_path, adapter)
     requests = [
-        Prompt(i, render_prompt_ids(tokenizer, chat_messages(text, system_prompt)), KIND) for i, text in enumerate(texts)
+        Prompt(i, render_prompt_ids(tokenizer, chat_messages(text, system_prompt)), KIND)
+        for i, text in enumerate(texts)
     ]
     stops = stop_ids(tokenizer, read_generation_config(model_path))
-    cache = eval_cache(out / "parts" / name, model_path, adapter, tokenizer, path, system_prompt, max_new_tokens, stops)
+    cache = eval_cache(
+        out / "parts" / name, model_path, adapter, tokenizer, path, system_prompt, max_new_tokens, stops
+    )
     if dist.rank == 0:
         cache.open()
     dist.barrier()
@@ -81,7 +84,9 @@ def evaluate(
             wall_seconds=round(generated.seconds, 3),
         )
         write_outputs(out, name, graded, summary)
-        LOG.info("UPFT eval: %s %s accuracy %.2f%% (n=%d)", model_path, name, summary["accuracy"], summary["n"])
+        LOG.info(
+            "UPFT eval: %s %s accuracy %.2f%% (n=%d)", model_path, name, summary["accuracy"], summary["n"]
+        )
     dist.barrier()
     return json.loads((out / f"{name}.summary.json").read_text())
 

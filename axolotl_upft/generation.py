@@ -43,7 +43,9 @@ def resolve_batch_size(batch_size: int | None, backend: str) -> int:
     return AUTO_BATCH[sampling_device().type]
 
 
-def rows_that_fit(model_config: dict, *, width: int, new_tokens: int, memory_bytes: float, dtype_bytes: int = 2) -> int:
+def rows_that_fit(
+    model_config: dict, *, width: int, new_tokens: int, memory_bytes: float, dtype_bytes: int = 2
+) -> int:
     """Rows of one `generate` batch that fit in `memory_bytes`: the KV cache of width + new_tokens positions,
     the prefill's activations of one layer (hidden states, q/k/v, MLP, attention scores) and the last
     position's logits in fp32 (logits, processed scores, probabilities and a sort buffer)."""
@@ -65,9 +67,10 @@ def weight_bytes(base_model: str) -> int:
 def resolve_batch_sizes(
     sampling, backend: str, base_model: str, widths: dict[str, int], limits: dict[str, int]
 ) -> dict[str, int]:
-    """Questions per batch for each kind (prefix, full). Set sizes win (`prefix_batch_size`, else `batch_size`);
-    on a GPU the auto size is what `memory_fits` allows, up to PREFIX_BATCH_CAP for prefixes and AUTO_BATCH
-    for full traces. `widths` must cover every question, cached or not, so a plan never depends on the cache."""
+    """Questions per batch for each kind (prefix, full). Set sizes win (`prefix_batch_size`, else
+    `batch_size`); on a GPU the auto size is what `memory_fits` allows, up to PREFIX_BATCH_CAP for prefixes
+    and AUTO_BATCH for full traces. `widths` must cover every question, cached or not, so a plan never
+    depends on the cache."""
     full = resolve_batch_size(sampling.batch_size, backend)
     sizes = {kind: full for kind in widths}
     if PREFIX in sizes and sampling.prefix_batch_size is not None:
@@ -80,7 +83,9 @@ def resolve_batch_sizes(
     return sizes
 
 
-def memory_fits(backend: str, base_model: str, widths: dict[str, int], limits: dict[str, int]) -> dict[str, int]:
+def memory_fits(
+    backend: str, base_model: str, widths: dict[str, int], limits: dict[str, int]
+) -> dict[str, int]:
     """Rows per kind that fit in MEMORY_SHARE of the GPU memory left after the weights; none off a GPU or
     for vLLM. From the device's total memory and the model's config, never from free memory, so every
     rank plans the same batches."""
@@ -110,7 +115,9 @@ def load_model(base_model: str, device: torch.device, **kwargs):
     return model.to(device).eval()
 
 
-def left_pad(prompts: list[list[int]], pad_id: int, device, width: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+def left_pad(
+    prompts: list[list[int]], pad_id: int, device, width: int = 0
+) -> tuple[torch.Tensor, torch.Tensor]:
     width = max(width, *(len(p) for p in prompts))
     ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
     mask = torch.zeros((len(prompts), width), dtype=torch.long)
@@ -134,7 +141,11 @@ class CandidateSampler:
     host synchronisation."""
 
     def __init__(self, temperature: float, top_k: int | None, top_p: float | None):
-        self.temperature, self.top_k, self.top_p = temperature, top_k or 0, top_p if top_p is not None else 1.0
+        self.temperature, self.top_k, self.top_p = (
+            temperature,
+            top_k or 0,
+            top_p if top_p is not None else 1.0,
+        )
 
     def chain(self, scores: torch.Tensor) -> torch.Tensor:
         from transformers.generation.logits_process import TopPLogitsWarper
@@ -204,8 +215,13 @@ def generate_batch(
     # generate runs greedy: with a temperature, CandidateSampler (a logits processor, after any repetition
     # penalty as in transformers' order) has already drawn the token. Every knob is passed, so nothing else
     # of the model's generation_config.json applies.
-    options = {"do_sample": False, "temperature": None, "top_k": None, "top_p": None,
-               "repetition_penalty": repetition_penalty}
+    options = {
+        "do_sample": False,
+        "temperature": None,
+        "top_k": None,
+        "top_p": None,
+        "repetition_penalty": repetition_penalty,
+    }
     if temperature:
         options["logits_processor"] = LogitsProcessorList([CandidateSampler(temperature, top_k, top_p)])
     if cache_implementation == "static":
@@ -245,7 +261,10 @@ class HFSampler:
                 raise
             torch.cuda.empty_cache()
             half = len(prompts) // 2
-            LOG.warning("UPFT: batch of %d ran out of GPU memory; splitting it (set upft.sampling.batch_size)", len(prompts))
+            LOG.warning(
+                "UPFT: batch of %d ran out of GPU memory; splitting it (set upft.sampling.batch_size)",
+                len(prompts),
+            )
             return self.generate(prompts[:half], seed=seed + 1, **kwargs) + self.generate(
                 prompts[half:], seed=seed + 2, **kwargs
             )
@@ -261,8 +280,19 @@ class VLLMSampler:
 
         self.llm = LLM(model=base_model, tensor_parallel_size=tensor_parallel_size, dtype="bfloat16")
 
-    def generate(self, prompts, *, max_new_tokens, stop_ids, pad_id, temperature, top_p, top_k, seed,
-                 repetition_penalty=1.0):
+    def generate(
+        self,
+        prompts,
+        *,
+        max_new_tokens,
+        stop_ids,
+        pad_id,
+        temperature,
+        top_p,
+        top_k,
+        seed,
+        repetition_penalty=1.0,
+    ):
         from vllm import SamplingParams, TokensPrompt
 
         params = [
@@ -279,7 +309,9 @@ class VLLMSampler:
             )
             for i in range(len(prompts))
         ]
-        outputs = self.llm.generate([TokensPrompt(prompt_token_ids=p) for p in prompts], params, use_tqdm=False)
+        outputs = self.llm.generate(
+            [TokensPrompt(prompt_token_ids=p) for p in prompts], params, use_tqdm=False
+        )
         return [cut_at_stop(list(o.outputs[0].token_ids), stop_ids) for o in outputs]
 
 

@@ -86,7 +86,9 @@ def check_records(records: dict[int, Record], requests: Sequence[Request], cache
             )
 
 
-def pending(batches: list[list[Request]], done: dict[int, Record], seed: int) -> list[tuple[int, list[Request]]]:
+def pending(
+    batches: list[list[Request]], done: dict[int, Record], seed: int
+) -> list[tuple[int, list[Request]]]:
     """(seed, requests still to generate) of every planned batch with work left; the seed is the whole
     batch's, so a batch left half-done by an older plan keeps one seed."""
     out = []
@@ -109,7 +111,7 @@ def generate_all(
     dist: Distributed,
     desc: str,
 ) -> Generated:
-    """Generate every request the cache lacks (this rank's share of batches); return every request's record."""
+    """Generate what the cache lacks (this rank's share of batches); return every request's record."""
     started = time.perf_counter()
     done = cache.load()
     check_records(done, requests, cache)
@@ -120,10 +122,27 @@ def generate_all(
     if mine:
         LOG.info(
             "%s: %d of %d to generate (%d cached), %d batches of up to %s on rank %d/%d",
-            desc, sum(len(b) for _, b in mine), len(requests), cached, len(mine), sizes, dist.rank, dist.world_size,
+            desc,
+            sum(len(b) for _, b in mine),
+            len(requests),
+            cached,
+            len(mine),
+            sizes,
+            dist.rank,
+            dist.world_size,
         )
         total = len(requests) - cached
-        run_batches(mine, cache, load(), limits, options, show=dist.rank == 0, desc=desc, total=total, before=len(done))
+        run_batches(
+            mine,
+            cache,
+            load(),
+            limits,
+            options,
+            show=dist.rank == 0,
+            desc=desc,
+            total=total,
+            before=len(done),
+        )
     dist.barrier()
     records = cache.load()
     check_records(records, requests, cache)
@@ -135,7 +154,9 @@ def generate_all(
     return Generated(by_index, cached, new_tokens, time.perf_counter() - started)
 
 
-def run_batches(mine, cache: SampleCache, model: Generator, limits, options, *, show, desc, total, before) -> None:
+def run_batches(
+    mine, cache: SampleCache, model: Generator, limits, options, *, show, desc, total, before
+) -> None:
     """Generate and write this rank's batches; the progress bar counts every rank's part files."""
     started, new_tokens = time.perf_counter(), 0
     bar = tqdm(total=total, desc=desc, unit="q", disable=not show)
@@ -144,7 +165,8 @@ def run_batches(mine, cache: SampleCache, model: Generator, limits, options, *, 
             [r.prompt_ids for r in batch], max_new_tokens=limits[batch[0].kind], seed=seed, **options
         )
         records = [
-            Record(r.index, r.kind, ids_digest(r.prompt_ids), ids, stopped) for r, (ids, stopped) in zip(batch, outputs)
+            Record(r.index, r.kind, ids_digest(r.prompt_ids), ids, stopped)
+            for r, (ids, stopped) in zip(batch, outputs)
         ]
         cache.write_part(records)
         new_tokens += sum(len(r.ids) for r in records)

@@ -70,7 +70,11 @@ class UPFTPlugin(BasePlugin):
         model_path = cfg.base_model if adapter else str(out)
         for benchmark in upft.eval_after_train:
             summary = evaluate(
-                model_path, benchmark, adapter=adapter, output_dir=out / "eval",
-                system_prompt=upft.system_prompt, max_new_tokens=upft.sampling.max_new_tokens,
+                model_path,
+                benchmark,
+                adapter=adapter,
+                output_dir=out / "eval",
+                system_prompt=upft.system_prompt,
+                max_new_tokens=upft.sampling.max_new_tokens,
             )
             LOG.info("UPFT eval %s: %.1f%% of %d", benchmark, summary["accuracy"], summary["n"])

@@ -49,10 +49,15 @@ def prepare_questions(rows: Iterable[dict], tokenizer, upft: UPFTConfig) -> list
                 golds[i] = gold_answer(row, None, field=upft.answer_field)
             except ValueError as err:
                 raise ValueError(
-                    f"upft.answer_field: row {i}: {err}. mode: rft and label_filter grade samples against it; "
+                    f"upft.answer_field: row {i}: {err}. "
+                    "mode: rft and label_filter grade samples against it; "
                     "set upft.answer_field to the gold answer's column."
                 ) from None
-    targets = [FULL] * len(texts) if upft.mode != "upft" else question_kinds(len(texts), upft.structure_ratio, upft.seed)
+    targets = (
+        [FULL] * len(texts)
+        if upft.mode != "upft"
+        else question_kinds(len(texts), upft.structure_ratio, upft.seed)
+    )
     copies = upft.num_samples if upft.needs_gold else 1
     tasks = []
     for i, (text, target) in enumerate(zip(texts, targets)):

@@ -103,8 +103,14 @@ def expected_k(table, threshold):
 
 def test_analysis_samples_the_model_and_writes_json_and_png(model_dir, tmp_path):
     questions = gsm8k_questions(3, "test")
-    options = {"samples": 4, "lengths": (32, 4, 8, 16), "max_new_tokens": 32, "temperature": 0.05, "seed": 7,
-               "batch_size": 6}
+    options = {
+        "samples": 4,
+        "lengths": (32, 4, 8, 16),
+        "max_new_tokens": 32,
+        "temperature": 0.05,
+        "seed": 7,
+        "batch_size": 6,
+    }
     result = an.analyze(model_dir, questions, output_dir=tmp_path, **options)
 
     assert json.loads((tmp_path / "analysis.json").read_text()) == result

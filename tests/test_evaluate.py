@@ -117,7 +117,9 @@ def test_accuracy_counts_equivalent_answers_on_a_custom_jsonl_file(model_dir, tm
     )
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     reply = tokenizer("The answer is 18 .", add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
-    monkeypatch.setattr(generation, "generate_batch", lambda model, prompts, **kw: [(reply, True) for _ in prompts])
+    monkeypatch.setattr(
+        generation, "generate_batch", lambda model, prompts, **kw: [(reply, True) for _ in prompts]
+    )
 
     summary = run(model_dir, tmp_path / "out", benchmark=str(bench), limit=None)
 

@@ -56,13 +56,17 @@ def test_a_resumed_run_draws_the_samples_of_a_clean_run_with_memory_sized_batche
     # Batch sizes from the widest prompt, as on a GPU: 3 rows when a prompt is 100+ tokens wide, else 5.
     # The 12 prefix questions are 29..107 tokens wide: batches of 3, the widest (question 8) in the last.
     monkeypatch.setattr(
-        generation, "memory_fits", lambda backend, model, widths, limits: {k: 3 if w >= 100 else 5 for k, w in widths.items()}
+        generation,
+        "memory_fits",
+        lambda backend, model, widths, limits: {k: 3 if w >= 100 else 5 for k, w in widths.items()},
     )
     upft = UPFTConfig(prefix_length=4, structure_ratio=0.25, sampling={"max_new_tokens": 12})
 
     def run(cache, dist):
         cfg = DictDefault({"base_model": str(tiny_model), "sequence_len": 256, CFG_KEY: dist})
-        return build_rows(questions[:16], tiny_tokenizer, cfg, upft.model_copy(update={"cache_dir": str(cache)}))
+        return build_rows(
+            questions[:16], tiny_tokenizer, cfg, upft.model_copy(update={"cache_dir": str(cache)})
+        )
 
     clean = run(tmp_path / "clean", Distributed())
     with pytest.raises(RuntimeError, match="have no generation"):
