@@ -5,7 +5,7 @@ import json
 import pytest
 from axolotl.utils.dict import DictDefault
 
-from axolotl_upft import sampler
+from axolotl_upft import generation
 from axolotl_upft.args import UPFTConfig
 from axolotl_upft.dataset import build_rows
 
@@ -14,7 +14,7 @@ from axolotl_upft.dataset import build_rows
 def counted(monkeypatch):
     """Counts the questions each generate_batch call samples; optionally crashes after N batches."""
     state = {"questions": 0, "batches": 0, "crash_after": None}
-    real = sampler.generate_batch
+    real = generation.generate_batch
 
     def generate(model, prompts, **kwargs):
         if state["crash_after"] is not None and state["batches"] >= state["crash_after"]:
@@ -23,7 +23,7 @@ def counted(monkeypatch):
         state["questions"] += len(prompts)
         return real(model, prompts, **kwargs)
 
-    monkeypatch.setattr(sampler, "generate_batch", generate)
+    monkeypatch.setattr(generation, "generate_batch", generate)
     return state
 
 
