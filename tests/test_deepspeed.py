@@ -1,7 +1,8 @@
 """DeepSpeed ZeRO-2 / ZeRO-3 with the plugin, run for real on CPU through `axolotl train --launcher torchrun`:
-2 processes on one node, and 2 simulated nodes on localhost. Each run is checked against a 1-process run
-without DeepSpeed on the same rows and the same global batch, and its saved output is reloaded and must give
-the greedy tokens the in-memory model gave at the end of training.
+2 processes on one node, 2 simulated nodes on localhost, and QLoRA under ZeRO-2. The ZeRO-2 and ZeRO-3 runs
+are checked per step against a 1-process run without DeepSpeed on the same rows and the same global batch;
+every run's saved output is reloaded and must give the greedy tokens the in-memory model gave at the end of
+training.
 
 The CUDA-only code paths in Axolotl and accelerate are answered by tests/harness/sitecustomize.py (on the
 subprocesses' PYTHONPATH only); tests/harness/greedy_probe.py records the in-memory greedy tokens."""
@@ -16,6 +17,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import tiny
 import yaml
 from test_axolotl_e2e import prepared_rows
 from test_training_configs import ROOT, example, logged_dicts, tiny_config
@@ -39,7 +41,7 @@ SAME_ROWS = {
     "curriculum_sampling": True,
     "gradient_accumulation_steps": 2,
     "max_steps": STEPS,
-    "learning_rate": 1e-3,  # large enough that 3 steps move the greedy tokens of a random model
+    "learning_rate": 1e-3,  # 3 steps move the logits far beyond the reload check's tolerance
     "lr_scheduler": "constant",
     "warmup_ratio": 0.0,
     "logging_steps": 1,
@@ -81,7 +83,10 @@ def launch(config: Path, probe_ids: list[int], *torchrun_args: str, name: str = 
     with open(config.with_suffix(f".{name}.log"), "w") as log:
         proc = subprocess.Popen(
             [sys.executable, "-m", "axolotl.cli.main", "train", str(config), *launcher],
-            cwd=config.parent, env=harness_env(probe_ids), stdout=log, stderr=subprocess.STDOUT,
+            cwd=config.parent,
+            env=harness_env(probe_ids),
+            stdout=log,
+            stderr=subprocess.STDOUT,
             start_new_session=True,  # its own process group, so a timeout stops the launcher's workers too
         )
     proc.log_path = Path(log.name)
@@ -180,8 +185,13 @@ def shared(tmp_path_factory, tiny_model, questions, tiny_tokenizer) -> dict:
 
 def run_in(shared: dict, name: str, example_name: str, *torchrun_args: str, **overrides) -> tuple[Path, str]:
     config = write(
-        shared["tmp"], name, shared["model"], shared["questions"], example_name,
-        dataset_prepared_path=str(shared["tmp"] / "prepared"), **overrides,
+        shared["tmp"],
+        name,
+        shared["model"],
+        shared["questions"],
+        example_name,
+        dataset_prepared_path=str(shared["tmp"] / "prepared"),
+        **overrides,
     )
     return shared["tmp"] / name, train(config, shared["ids"], *torchrun_args)
 
@@ -223,9 +233,7 @@ def test_zero2_lora_on_two_processes_matches_one_process_and_saves_an_adapter_th
     assert_reload_gives_the_in_memory_tokens(out, shared["model"])
 
 
-def test_zero3_on_two_simulated_nodes_samples_once_and_matches_one_process(
-    tmp_path, shared, full_reference
-):
+def test_zero3_on_two_simulated_nodes_samples_once_and_matches_one_process(tmp_path, shared, full_reference):
     """Two launches on localhost, one process each, rendezvous on 127.0.0.1; the prepared rows and the sample
     cache in one folder both "nodes" see (a shared filesystem). Nothing was sampled before: `train`
     samples."""
@@ -233,18 +241,33 @@ def test_zero3_on_two_simulated_nodes_samples_once_and_matches_one_process(
     port = str(free_port())
     nodes = [
         launch(
-            config, shared["ids"],
-            "--nnodes", "2", "--node_rank", str(rank), "--nproc_per_node", "1",
-            "--master_addr", "127.0.0.1", "--master_port", port,
+            config,
+            shared["ids"],
+            "--nnodes",
+            "2",
+            "--node_rank",
+            str(rank),
+            "--nproc_per_node",
+            "1",
+            "--master_addr",
+            "127.0.0.1",
+            "--master_port",
+            port,
             name=f"node{rank}",
         )
         for rank in (0, 1)
     ]
-    logs = [finish(node) for node in nodes]
+    try:
+        logs = [finish(node) for node in nodes]
+    finally:
+        for node in nodes:  # one node failed: do not leave the other waiting for it
+            if node.poll() is None:
+                os.killpg(node.pid, signal.SIGKILL)
+                node.wait()
     sampled = [len(re.findall(r"UPFT sampling:\s+0%", log)) for log in logs]
     assert sum(sampled) == 1, f"sampling runs per node: {sampled}; Axolotl's data lock lets one sample"
     summary = json.loads(next((tmp_path / "prepared" / "upft_samples").glob("*/summary.json")).read_text())
-    assert summary["tokens_generated_this_run"] == summary["tokens_generated"]
+    assert summary["tokens_generated_this_run"] == summary["tokens_generated"], "train sampled all of it"
     _, rows = prepared_rows(tmp_path)
     _, one_node_rows = prepared_rows(shared["tmp"])
     assert rows == one_node_rows, "the same seeded samples as the one-node runs, so the same rows per step"
@@ -262,14 +285,17 @@ def test_qlora_under_zero2_on_two_processes_trains_and_saves_an_adapter_that_rel
     in eval mode without gradients on CPUs with AVX512-BF16) fails on a 4-bit weight with fewer input
     features (32) than its 64-value quantization block: "shape '[32, 0]' is invalid". Training is not
     affected; greedy decoding of the trained model is."""
-    import tiny
-
     model = tiny.build_model(tmp_path / "tiny-llama-64", tiny_corpus, hidden=64)
     source = example(QLORA)
     assert source["adapter"] == "qlora" and source["load_in_4bit"] is True
     config = write(
-        tmp_path, "qlora-zero2", model, questions, QLORA,
-        deepspeed=str(ROOT / "example_configs/deepspeed/zero2.json"), **TWO_RANKS,
+        tmp_path,
+        "qlora-zero2",
+        model,
+        questions,
+        QLORA,
+        deepspeed=str(ROOT / "example_configs/deepspeed/zero2.json"),
+        **TWO_RANKS,
     )
     log = train(config, probe_ids(tiny_tokenizer, questions), *two_processes())
     out = tmp_path / "qlora-zero2"

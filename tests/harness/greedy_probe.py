@@ -38,7 +38,7 @@ def greedy(model, prompt_ids: list[int]) -> tuple[list[int], list[float]]:
             )
     finally:
         model.train(was_training)
-    return out.sequences[0, len(prompt_ids):].tolist(), out.logits[0][0].float().tolist()
+    return out.sequences[0, len(prompt_ids) :].tolist(), out.logits[0][0].float().tolist()
 
 
 def what_ran(trainer) -> dict:
@@ -59,8 +59,11 @@ class _Probe(TrainerCallback):
         if state.is_world_process_zero:
             self.output_dir.mkdir(parents=True, exist_ok=True)
             record = {
-                "prompt_ids": self.prompt_ids, "tokens": tokens, "logits": logits,
-                "log_history": state.log_history, **what_ran(self.trainer),
+                "prompt_ids": self.prompt_ids,
+                "tokens": tokens,
+                "logits": logits,
+                "log_history": state.log_history,
+                **what_ran(self.trainer),
             }
             (self.output_dir / PROBE_FILE).write_text(json.dumps(record))
 

@@ -36,7 +36,7 @@ def _patch_axolotl_config(module) -> None:
         import torch
 
         original(cfg)
-        if not torch.cuda.is_available() and cfg.device_map == {"": int(os.environ.get("LOCAL_RANK", 0))}:
+        if not torch.cuda.is_available() and cfg.device_map == {"": int(os.environ.get("LOCAL_RANK", "0"))}:
             cfg.device_map = {"": "cpu"}
 
     module.normalize_config = normalize_config
@@ -55,9 +55,9 @@ def _patch_accelerate_state(module) -> None:
         import torch
 
         backend, distributed_type = original(self, cpu, sagemaker_dp, backend)
-        if backend is None and not cpu and int(os.environ.get("LOCAL_RANK", -1)) != -1:
-            if not torch.cuda.is_available():
-                backend = "gloo"
+        under_launcher = int(os.environ.get("LOCAL_RANK", "-1")) != -1
+        if backend is None and not cpu and under_launcher and not torch.cuda.is_available():
+            backend = "gloo"
         return backend, distributed_type
 
     state._prepare_backend = _prepare_backend
