@@ -9,9 +9,9 @@ from pathlib import Path
 from axolotl.integrations.base import BasePlugin
 
 from .args import ARGS_PATH, UPFTConfig
+from .cache import weight_files
 
 HASHED_CFG_KEYS = ("upft", "base_model")
-SAVED_WEIGHTS = ("adapter_model.safetensors", "model.safetensors", "model.safetensors.index.json")
 LOG = logging.getLogger(__name__)
 
 
@@ -56,12 +56,12 @@ class UPFTPlugin(BasePlugin):
 
     def post_train_unload(self, cfg):
         """`upft.eval_after_train`: greedy accuracy of what this run saved, once the trainer is freed."""
-        if cfg.get("upft") is None or int(os.environ.get("RANK", 0)) != 0 or not self._trained:
+        if cfg.get("upft") is None or int(os.environ.get("RANK", "0")) != 0 or not self._trained:
             return
         upft = UPFTConfig.from_cfg(cfg)
         out = Path(cfg.output_dir)
         # Unload also runs after a failed save: weights left by an earlier run must not be evaluated.
-        saved = [out / name for name in SAVED_WEIGHTS if (out / name).exists()]
+        saved = weight_files(out)
         if not upft.eval_after_train or not any(p.stat().st_mtime >= self._started for p in saved):
             return
         from .evaluate import evaluate
@@ -70,7 +70,11 @@ class UPFTPlugin(BasePlugin):
         model_path = cfg.base_model if adapter else str(out)
         for benchmark in upft.eval_after_train:
             summary = evaluate(
-                model_path, benchmark, adapter=adapter, output_dir=out / "eval",
-                system_prompt=upft.system_prompt, max_new_tokens=upft.sampling.max_new_tokens,
+                model_path,
+                benchmark,
+                adapter=adapter,
+                output_dir=out / "eval",
+                system_prompt=upft.system_prompt,
+                max_new_tokens=upft.sampling.max_new_tokens,
             )
             LOG.info("UPFT eval %s: %.1f%% of %d", benchmark, summary["accuracy"], summary["n"])

@@ -53,7 +53,7 @@ def rows() -> list[tuple[torch.Tensor, torch.Tensor]]:
 
 @pytest.fixture(scope="module")
 def reference(rows):
-    """Micro-batch 1, one forward per row: sample = mean of row means, token = mean over all trained tokens."""
+    """Micro-batch 1, one forward per row: sample = mean of row means, token = mean over trained tokens."""
     out = {}
     for mode in ("sample", "token"):
         model = tiny_model()
@@ -64,7 +64,11 @@ def reference(rows):
         else:
             loss = sum(row_loss * n for row_loss, n in zip(row_losses, tokens)) / sum(tokens)
         loss.backward()
-        out[mode] = {"loss": loss.detach(), "grads": grads(model), "row_losses": [x.item() for x in row_losses]}
+        out[mode] = {
+            "loss": loss.detach(),
+            "grads": grads(model),
+            "row_losses": [x.item() for x in row_losses],
+        }
     return out
 
 
@@ -104,7 +108,11 @@ def make_trainer(base, tmp_path, loss_normalization="sample", **kwargs):
         report_to=[],
     )
     # token mode is Axolotl's own trainer, untouched: the plugin installs no trainer for it
-    cls = sample_normalized_trainer(base, prefix_length=PREFIX_LENGTH) if loss_normalization == "sample" else base
+    cls = (
+        sample_normalized_trainer(base, prefix_length=PREFIX_LENGTH)
+        if loss_normalization == "sample"
+        else base
+    )
     return cls(model=tiny_model(), args=args, **kwargs)
 
 
@@ -211,6 +219,9 @@ def test_the_plugin_composes_the_mixin_for_sample_and_leaves_token_to_axolotl():
 
     plugin = UPFTPlugin()
     cls = plugin.get_trainer_cls(DictDefault({"upft": {"prefix_length": PREFIX_LENGTH}}))
-    assert cls.__name__ == "UPFTAxolotlTrainer" and cls.__mro__[1:3] == (SampleNormalizedMixin, AxolotlTrainer)
+    assert cls.__name__ == "UPFTAxolotlTrainer" and cls.__mro__[1:3] == (
+        SampleNormalizedMixin,
+        AxolotlTrainer,
+    )
     assert cls.upft_prefix_length == PREFIX_LENGTH
     assert plugin.get_trainer_cls(DictDefault({"upft": {"loss_normalization": "token"}})) is None
