@@ -27,7 +27,7 @@ pytest.importorskip("deepspeed", reason="DeepSpeed runs need `pip install deepsp
 
 HARNESS = Path(__file__).parent / "harness"
 sys.path.insert(0, str(HARNESS))
-from greedy_probe import PROBE_FILE, greedy  # noqa: E402
+from greedy_probe import PROBE_FILE, greedy
 
 FULL_ZERO3 = "qwen2.5-math-7b-zero3-k32.yml"  # full fine-tune, example_configs/deepspeed/zero3.json
 LORA_ZERO2 = "qwen2.5-math-7b-zero2-lora-k32.yml"  # LoRA, example_configs/deepspeed/zero2.json
