@@ -21,13 +21,17 @@ def questions() -> list[dict]:
 
 
 @pytest.fixture(scope="session")
-def tiny_model(tmp_path_factory, questions) -> Path:
-    corpus = [q["question"] + " " + q["answer"] for q in tiny.gsm8k_questions(200)] + [
+def tiny_corpus() -> list[str]:
+    return [q["question"] + " " + q["answer"] for q in tiny.gsm8k_questions(200)] + [
         REFERENCE_INSTRUCTION,
         "You are a careful math tutor .",
         "The answer is 18 .",
     ]
-    return tiny.build_model(tmp_path_factory.mktemp("tiny-llama"), corpus)
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory, tiny_corpus) -> Path:
+    return tiny.build_model(tmp_path_factory.mktemp("tiny-llama"), tiny_corpus)
 
 
 @pytest.fixture(scope="session")
