@@ -62,6 +62,8 @@ def sample_command(config):
         for ds_cfg in datasets:
             # Axolotl's own loader, so the questions match what `preprocess` will see.
             _load_and_process_single_dataset(ds_cfg, cfg, tokenizer, "train", cfg.seed)
+    except ValueError as err:
+        raise click.UsageError(str(err)) from None
     finally:
         samples.DISTRIBUTED.close()
     if samples.DISTRIBUTED.rank == 0:
