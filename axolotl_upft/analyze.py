@@ -22,8 +22,8 @@ from tqdm.auto import tqdm
 from .cache import TMP_PREFIX, atomic_write_text, digest
 from .grading import extract_answer, gold_answer, is_equivalent, question_of
 from .prompts import chat_messages, check_tokenizer, pad_token_id, render_prompt_ids
-from .sampler import generate_batch, load_model, sampling_device
-from .samples import read_generation_config, stop_ids
+from .generation import generate_batch, load_model, sampling_device
+from .selfsample import read_generation_config, stop_ids
 
 LOG = logging.getLogger(__name__)
 K_BOUNDS = (8, 128)

@@ -1,9 +1,12 @@
 """The `upft:` config block: one pydantic model, every field documented once."""
 
+from pathlib import Path
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+ARGS_PATH = f"{__name__}.UPFTArgs"  # what the plugin hands Axolotl; also how a registered plugin is recognised
+DEFAULT_PREPARED_PATH = "last_run_prepared"  # Axolotl's default dataset_prepared_path
 REFERENCE_INSTRUCTION = (
     "Please provide the initial step towards resolving the question. "
     "This step may serve as a foundation but might not encompass the entire solution."
@@ -98,6 +101,17 @@ class UPFTConfig(BaseModel):
     cache_dir: str | None = Field(
         None, description="Where samples are kept; null puts them in <dataset_prepared_path>/upft_samples."
     )
+
+    @classmethod
+    def from_cfg(cls, cfg) -> "UPFTConfig":
+        """The `upft:` block of an Axolotl cfg (or a raw YAML dict), validated; defaults when absent."""
+        return cls.model_validate(dict(cfg.get("upft") or {}))
+
+    def sample_cache_root(self, cfg) -> Path:
+        """Where samples go: upft.cache_dir, else <dataset_prepared_path>/upft_samples."""
+        if self.cache_dir:
+            return Path(self.cache_dir)
+        return Path(cfg.get("dataset_prepared_path") or DEFAULT_PREPARED_PATH) / "upft_samples"
 
     @property
     def needs_gold(self) -> bool:

@@ -52,23 +52,24 @@ def sample_command(config):
     from axolotl.loaders import load_tokenizer
     from axolotl.utils.data.sft import _load_and_process_single_dataset
 
-    from . import samples
+    from .dataset import SAMPLES_DIR
+    from .distributed import CFG_KEY, Distributed
 
     cfg = load_config_single_process(load_cfg, config)
     datasets = upft_datasets(cfg)
     tokenizer = load_tokenizer(cfg)
-    samples.DISTRIBUTED = samples.Distributed.from_env()
+    dist = cfg[CFG_KEY] = Distributed.from_env()
     try:
-        for ds_cfg in datasets:
-            # Axolotl's own loader, so the questions match what `preprocess` will see.
-            _load_and_process_single_dataset(ds_cfg, cfg, tokenizer, "train", cfg.seed)
+        # Axolotl's own loader, so the questions match what `preprocess` will see.
+        loaded = [_load_and_process_single_dataset(ds, cfg, tokenizer, "train", cfg.seed)[0] for ds in datasets]
     except ValueError as err:
         raise click.UsageError(str(err)) from None
     finally:
-        samples.DISTRIBUTED.close()
-    if samples.DISTRIBUTED.rank == 0:
-        for summary in samples.LAST_SUMMARIES:
-            click.echo(json.dumps(summary, indent=2))
+        dist.close()
+    if dist.rank == 0:
+        for rows in loaded:
+            samples_dir = Path(json.loads(rows.info.description)[SAMPLES_DIR])
+            click.echo((samples_dir / "summary.json").read_text())
 
 
 main.add_command(sample_command, name="sample")
@@ -89,7 +90,7 @@ main.add_command(sample_command, name="sample")
 def eval_command(model_path, adapter, benchmarks, limit, output, system_prompt, max_new_tokens, batch_size, data_dir):
     """Greedy, zero-shot accuracy on math benchmarks (shards across ranks under torchrun)."""
     from .evaluate import evaluate
-    from .samples import Distributed
+    from .distributed import Distributed
 
     dist = Distributed.from_env()
     try:
@@ -127,7 +128,7 @@ def analyze_command(config, samples, lengths, num_questions, max_new_tokens, out
     from .analyze import analyze
     from .dataset import upft_config
     from .prompts import question_text
-    from .sampler import resolve_batch_size
+    from .generation import resolve_batch_size
 
     cfg = load_config_single_process(load_cfg, config)
     upft = upft_config(cfg)

@@ -1,33 +1,32 @@
 """The `type: upft` dataset: questions in, self-sampled UPFT rows (ids, mask, labels) out."""
 
+import json
 import logging
-from pathlib import Path
 
+from axolotl.integrations.base import PluginManager
 from axolotl.prompt_tokenizers import DatasetWrappingStrategy
-from datasets import Dataset
+from datasets import Dataset, DatasetInfo
 
-from .args import UPFTConfig
+from .args import ARGS_PATH, UPFTConfig
 from .rows import FULL, Row, full_row, prefix_row
-from .cache import Record
-from .samples import Question, open_cache, prepare_questions, sample_questions
+from .cache import Record, SampleCache
+from .distributed import Distributed
+from .selfsample import Question, open_cache, prepare_questions, sample_questions
 from .prompts import chat_messages, pad_token_id, render_prompt_ids
 
 LOG = logging.getLogger(__name__)
+SAMPLES_DIR = "upft_samples_dir"
 
 
 def upft_config(cfg) -> UPFTConfig:
-    from .plugin import UPFTPlugin, plugin_is_registered
-
-    if not plugin_is_registered():
+    """The `upft:` block, once the plugin is known to be registered (else Axolotl dropped the block)."""
+    plugins = PluginManager.get_instance().plugins.values()
+    if not any(p.get_input_args() == ARGS_PATH for p in plugins):
         raise ValueError(
             "`type: upft` needs the UPFT plugin: add `plugins: [axolotl_upft.UPFTPlugin]` to the config "
-            f"(without it Axolotl drops the `upft:` block). Plugin class: {UPFTPlugin.__module__}.UPFTPlugin"
+            "(without it Axolotl drops the `upft:` block)."
         )
-    return UPFTConfig.model_validate(dict(cfg.get("upft") or {}))
-
-
-def default_cache_dir(cfg) -> str:
-    return str(Path(cfg.get("dataset_prepared_path") or "last_run_prepared") / "upft_samples")
+    return UPFTConfig.from_cfg(cfg)
 
 
 def group_by_row(questions: list[Question]) -> dict[int, list[Question]]:
@@ -79,25 +78,30 @@ class UPFTDatasetStrategy(DatasetWrappingStrategy):
         self.upft = upft_config(cfg)
 
     def wrap_dataset(self, dataset, process_count=None, keep_in_memory=False, **kwargs) -> Dataset:
-        rows = build_rows(dataset, self.tokenizer, self.cfg, self.upft)
-        return Dataset.from_dict(
-            {
-                "input_ids": [r.input_ids for r in rows],
-                "attention_mask": [[1] * len(r.input_ids) for r in rows],
-                "labels": [r.labels for r in rows],
-            }
-        )
+        rows, cache = sample_and_build(dataset, self.tokenizer, self.cfg, self.upft)
+        columns = {
+            "input_ids": [r.input_ids for r in rows],
+            "attention_mask": [[1] * len(r.input_ids) for r in rows],
+            "labels": [r.labels for r in rows],
+        }
+        # The sample folder travels with the rows, so `axolotl-upft sample` can read its summary.json back.
+        return Dataset.from_dict(columns, info=DatasetInfo(description=json.dumps({SAMPLES_DIR: str(cache.dir)})))
 
 
 def build_rows(dataset, tokenizer, cfg, upft: UPFTConfig) -> list[Row]:
-    from .sampler import load_sampler
+    """UPFT rows of the dataset's questions, sampling what the cache lacks."""
+    return sample_and_build(dataset, tokenizer, cfg, upft)[0]
+
+
+def sample_and_build(dataset, tokenizer, cfg, upft: UPFTConfig) -> tuple[list[Row], SampleCache]:
+    from .generation import load_sampler
 
     sequence_len = cfg.get("sequence_len") or 2048
     questions = prepare_questions(dataset, tokenizer, upft)
     groups = group_by_row(questions)
     prompts = training_prompts(groups, tokenizer, upft, sequence_len)
     cache, settings, stops = open_cache(
-        upft.cache_dir or default_cache_dir(cfg), cfg.base_model, tokenizer, upft, questions
+        str(upft.sample_cache_root(cfg)), cfg.base_model, tokenizer, upft, questions
     )
     pad_id = pad_token_id(tokenizer)
     records = sample_questions(
@@ -109,6 +113,7 @@ def build_rows(dataset, tokenizer, cfg, upft: UPFTConfig) -> list[Row]:
         load_model=lambda: load_sampler(cfg.base_model, upft.sampling),
         pad_id=pad_id,
         base_model=cfg.base_model,
+        dist=Distributed.from_cfg(cfg),
     )
     train_on_inputs = bool(cfg.get("train_on_inputs"))
     rows, cut, unfinished, unsolved = [], 0, 0, 0
@@ -157,7 +162,7 @@ def build_rows(dataset, tokenizer, cfg, upft: UPFTConfig) -> list[Row]:
             "UPFT: %d rows were longer than sequence_len=%d and lost their last tokens (the prompt is kept "
             "whole). Raise sequence_len to keep them.", cut, sequence_len,
         )
-    return rows
+    return rows, cache
 
 
 def load(tokenizer, cfg, ds_cfg=None, processor=None):

@@ -21,8 +21,9 @@ from tqdm.auto import tqdm
 from .cache import Record, SampleCache, atomic_write_text, digest, ids_digest
 from .grading import BENCHMARKS, benchmark_path, extract_answer, gold_answer, is_equivalent, question_of
 from .prompts import chat_messages, check_tokenizer, pad_token_id, render_prompt_ids
-from .sampler import generate_batch, load_model, sampling_device
-from .samples import Distributed, model_fingerprint, read_generation_config, stop_ids
+from .generation import generate_batch, load_model, sampling_device
+from .distributed import Distributed
+from .selfsample import model_fingerprint, read_generation_config, stop_ids
 
 LOG = logging.getLogger(__name__)
 KIND = "greedy"

@@ -26,8 +26,8 @@ from transformers import AutoTokenizer
 from axolotl_upft.args import UPFTConfig
 from axolotl_upft.prompts import chat_messages, pad_token_id, render_prompt_ids
 from axolotl_upft.rows import FULL, PREFIX, question_kinds
-from axolotl_upft.sampler import HFSampler, left_pad, resolve_batch_sizes, sampling_device
-from axolotl_upft.samples import Question, plan_batches, read_generation_config, sampling_settings, stop_ids
+from axolotl_upft.generation import HFSampler, left_pad, resolve_batch_sizes, sampling_device
+from axolotl_upft.selfsample import Question, plan_batches, read_generation_config, sampling_settings, stop_ids
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT.parent / "shared" / "data" / "gsm8k_test.jsonl"

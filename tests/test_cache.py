@@ -5,7 +5,7 @@ import json
 import pytest
 from axolotl.utils.dict import DictDefault
 
-from axolotl_upft import sampler
+from axolotl_upft import generation
 from axolotl_upft.args import UPFTConfig
 from axolotl_upft.dataset import build_rows
 
@@ -14,7 +14,7 @@ from axolotl_upft.dataset import build_rows
 def counted(monkeypatch):
     """Counts the questions each generate_batch call samples; optionally crashes after N batches."""
     state = {"questions": 0, "batches": 0, "crash_after": None}
-    real = sampler.generate_batch
+    real = generation.generate_batch
 
     def generate(model, prompts, **kwargs):
         if state["crash_after"] is not None and state["batches"] >= state["crash_after"]:
@@ -23,7 +23,7 @@ def counted(monkeypatch):
         state["questions"] += len(prompts)
         return real(model, prompts, **kwargs)
 
-    monkeypatch.setattr(sampler, "generate_batch", generate)
+    monkeypatch.setattr(generation, "generate_batch", generate)
     return state
 
 
@@ -160,7 +160,7 @@ def fake_hub_snapshot(cache, repo: str, revision: str) -> None:
 def test_a_hub_model_is_keyed_by_the_revision_it_resolves_to(monkeypatch, tmp_path):
     from huggingface_hub import constants
 
-    from axolotl_upft.samples import model_fingerprint
+    from axolotl_upft.selfsample import model_fingerprint
 
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
     monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path))
@@ -178,7 +178,7 @@ def test_generation_config_is_read_from_a_folder_or_the_hub_cache_and_a_failed_r
 ):
     from huggingface_hub import constants
 
-    from axolotl_upft.samples import read_generation_config
+    from axolotl_upft.selfsample import read_generation_config
 
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
     monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))

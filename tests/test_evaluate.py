@@ -10,7 +10,7 @@ from tiny import build_model, gsm8k_questions
 
 from axolotl_upft import evaluate as ev
 from axolotl_upft.grading import extract_answer, gold_answer, is_equivalent
-from axolotl_upft.samples import Distributed
+from axolotl_upft.distributed import Distributed
 
 LIMIT = 5
 MAX_NEW = 12

@@ -3,7 +3,7 @@
 import pytest
 from axolotl.utils.dict import DictDefault
 
-from axolotl_upft import sampler
+from axolotl_upft import generation
 from axolotl_upft.args import UPFTConfig
 from axolotl_upft.dataset import build_rows
 from axolotl_upft.prompts import chat_messages, render_prompt_ids
@@ -36,7 +36,7 @@ def scripted(monkeypatch, tiny_tokenizer):
             out.append((ids[:max_new_tokens], len(ids) <= max_new_tokens))
         return out
 
-    monkeypatch.setattr(sampler, "generate_batch", generate)
+    monkeypatch.setattr(generation, "generate_batch", generate)
     return lambda topic, j: [vocab[w] for w in SCRIPT[topic][j].split()] + [eos]
 
 

@@ -2,7 +2,6 @@
 
 import json
 import logging
-import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -11,62 +10,13 @@ from typing import Callable, Iterable
 from tqdm.auto import tqdm
 
 from .args import UPFTConfig
+from .distributed import Distributed
 from .cache import Record, SampleCache, digest, ids_digest
 from .prompts import chat_messages, check_tokenizer, question_text, render_prompt_ids
 from .rows import FULL, PREFIX, question_kinds
 
 LOG = logging.getLogger(__name__)
 RFT_SAMPLES = 16
-
-
-@dataclass
-class Distributed:
-    """This process's share of the sampling: rank, world size and a barrier over ranks."""
-
-    rank: int = 0
-    world_size: int = 1
-    group_initialized: bool = False
-
-    @classmethod
-    def from_env(cls) -> "Distributed":
-        world_size = int(os.environ.get("WORLD_SIZE", 1))
-        if world_size == 1:
-            return cls()
-        import torch
-        import torch.distributed as dist
-
-        if not dist.is_initialized():
-            dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
-        return cls(dist.get_rank(), dist.get_world_size(), True)
-
-    def barrier(self) -> None:
-        if self.world_size > 1:
-            import torch.distributed as dist
-
-            dist.barrier()
-
-    def minimum(self, values: dict[str, int]) -> dict[str, int]:
-        """The smallest of each value over ranks, so ranks on different GPUs still plan the same batches."""
-        if self.world_size == 1 or not values:
-            return values
-        import torch
-        import torch.distributed as dist
-
-        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if torch.cuda.is_available() else "cpu"
-        tensor = torch.tensor(list(values.values()), dtype=torch.long, device=device)
-        dist.all_reduce(tensor, op=dist.ReduceOp.MIN)
-        return dict(zip(values, tensor.tolist()))
-
-    def close(self) -> None:
-        if self.group_initialized:
-            import torch.distributed as dist
-
-            dist.destroy_process_group()
-
-
-# Set by `axolotl-upft sample`; `preprocess`/`train` sample on one process (Axolotl locks data prep).
-DISTRIBUTED = Distributed()
-LAST_SUMMARIES: list[dict] = []
 
 
 @dataclass(frozen=True)
@@ -220,11 +170,13 @@ def sample_questions(
     load_model: Callable[[], object],
     pad_id: int,
     base_model: str = "",
+    dist: Distributed | None = None,
 ) -> dict[int, Record]:
     """Sample every question the cache lacks (this rank's share of batches); return all records."""
-    from .sampler import resolve_backend, resolve_batch_sizes
+    from .generation import resolve_backend, resolve_batch_sizes
 
-    rank, world_size, barrier = DISTRIBUTED.rank, DISTRIBUTED.world_size, DISTRIBUTED.barrier
+    dist = dist or Distributed()
+    rank, world_size, barrier = dist.rank, dist.world_size, dist.barrier
 
     done = cache.load()
     check_records(done, questions, cache)
@@ -237,7 +189,7 @@ def sample_questions(
         if (group := [q for q in missing if q.kind == kind])
     }
     backend = resolve_backend(upft.sampling.backend)
-    batch_sizes = DISTRIBUTED.minimum(resolve_batch_sizes(upft.sampling, backend, base_model, widths, limits))
+    batch_sizes = dist.minimum(resolve_batch_sizes(upft.sampling, backend, base_model, widths, limits))
     batches = plan_batches(missing, batch_sizes)
     mine = batches[rank::world_size]
     started, new_tokens = time.perf_counter(), 0
@@ -278,7 +230,6 @@ def sample_questions(
         if not cache.is_complete():
             new = sum(len(r.ids) for i, r in records.items() if i not in done)
             cache.write_summary(summarize(questions, records, time.perf_counter() - started, new))
-        LAST_SUMMARIES.append(json.loads(cache.summary_path.read_text()))
     barrier()
     return records
 
