@@ -63,10 +63,24 @@ def test_any_setting_that_changes_samples_starts_a_new_cache(
 
 
 def test_settings_that_only_shape_rows_reuse_the_samples(questions, tiny_model, tiny_tokenizer, tmp_path, counted):
-    run(questions, tiny_model, tiny_tokenizer, tmp_path)
+    from axolotl_upft.prompts import chat_messages, render_prompt_ids
+
+    first = run(questions, tiny_model, tiny_tokenizer, tmp_path)
     rows = run(questions, tiny_model, tiny_tokenizer, tmp_path, prefix_eos=False, prefix_instruction=None)
-    assert counted["questions"] == 16
-    assert all(r.input_ids[-1] != tiny_tokenizer.eos_token_id for r in rows if r.kind == "prefix" and r.num_trained == 4)
+    assert counted["questions"] == 16, "the second run sampled nothing"
+    eos, cut = tiny_tokenizer.eos_token_id, 0
+    for before, after, question in zip(first, rows, questions[:16]):
+        bare = render_prompt_ids(tiny_tokenizer, chat_messages(question["question"], None))
+        response = [t for t in before.labels if t != -100]
+        if after.kind == "full":
+            assert after == before
+            continue
+        assert len(before.input_ids) - len(response) > len(bare), "the first run's prefix rows had the instruction"
+        if len(response) == 4 + 1 and response[-1] == eos:  # k = 4 generated ids, then the EOS prefix_eos adds
+            response, cut = response[:-1], cut + 1
+        assert after.input_ids == bare + response, "prefix_instruction: null -> the bare prompt, the same sample"
+        assert after.labels == [-100] * len(bare) + response
+    assert cut > 0, "some prefix reached k tokens, so prefix_eos: false shows"
 
 
 def test_interrupted_run_resumes_with_the_missing_questions_only(
