@@ -36,8 +36,9 @@ class UPFTPlugin(BasePlugin):
         shared.DATASET_HASH_CONFIG_EXTRA_FIELDS = shared.DATASET_HASH_CONFIG_EXTRA_FIELDS + missing
 
     def load_datasets(self, cfg, preprocess: bool = False):
-        """Runs before Axolotl hashes and loads the data: the model's fingerprint (the sample cache key's
-        files, sizes and dates, or a hub id's revision) joins the hash, so changed weights rebuild the rows."""
+        """Runs before Axolotl hashes and loads the data: the model's fingerprint (the sample cache
+        key's files, sizes and dates, or a hub id's revision) joins the hash, so changed weights
+        rebuild the rows."""
         if cfg.get("upft") is not None:
             from .selfsample import model_fingerprint
 

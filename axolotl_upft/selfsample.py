@@ -92,7 +92,7 @@ def read_generation_config(base_model: str) -> dict:
 
 
 def hub_revision(name: str) -> str:
-    """The commit a hub model id resolves to now (the snapshot folder of its config.json, online or cached)."""
+    """The commit a hub model id resolves to now: the snapshot folder of its config.json (online/cached)."""
     from huggingface_hub import hf_hub_download
 
     return Path(hf_hub_download(name, "config.json")).parent.name

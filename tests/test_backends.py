@@ -27,7 +27,9 @@ def test_vllm_backend_without_vllm_names_the_extra_to_install(questions, tiny_mo
         run(questions, tiny_model, tiny_tokenizer, tmp_path, "vllm")
 
 
-@pytest.mark.parametrize(("vllm", "gpu", "expected"), [(True, False, "hf"), (False, True, "hf"), (True, True, "vllm")])
+@pytest.mark.parametrize(
+    ("vllm", "gpu", "expected"), [(True, False, "hf"), (False, True, "hf"), (True, True, "vllm")]
+)
 def test_auto_backend_picks_vllm_only_with_both_vllm_and_a_gpu(monkeypatch, vllm, gpu, expected):
     monkeypatch.setattr(generation, "is_vllm_available", lambda: vllm)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: gpu)
@@ -51,19 +53,19 @@ def test_vllm_request_parameters_carry_the_hf_settings_in_vllms_terms():
     assert params[0] == {"n": 1, "temperature": 0.6, "top_p": 1.0, "top_k": -1, "repetition_penalty": 1.05,
                          "max_tokens": 32, "stop_token_ids": [2, 7], "seed": 100, "detokenize": False}
     assert [p["seed"] for p in params] == [100, 101, 102], "one seed per request: batch seed + position"
-    set_ = generation.vllm_sampling_params(1, max_new_tokens=8, stop_ids={2}, temperature=0.0, top_p=0.8, top_k=20,
-                                        seed=0)[0]
+    options = {"max_new_tokens": 8, "stop_ids": {2}, "temperature": 0.6, "top_p": 0.8, "seed": 0}
+    set_ = generation.vllm_sampling_params(1, top_k=20, **options)[0]
     assert (set_["top_p"], set_["top_k"], set_["repetition_penalty"]) == (0.8, 20, 1.0)
-    assert generation.vllm_sampling_params(1, max_new_tokens=8, stop_ids={2}, temperature=0.6, top_p=0.8, top_k=0,
-                                        seed=0)[0]["top_k"] == -1, "transformers' 0 (off) is vLLM's -1"
+    off = generation.vllm_sampling_params(1, top_k=0, **options)[0]
+    assert off["top_k"] == -1, "transformers' 0 (off) is vLLM's -1"
 
 
 @pytest.mark.skipif(not generation.is_vllm_available(), reason="vLLM is not installed")
 def test_vllm_sampling_params_accepts_every_mapped_parameter_with_its_value():
     from vllm import SamplingParams
 
-    kwargs = generation.vllm_sampling_params(1, max_new_tokens=32, stop_ids={2, 7}, temperature=0.6, top_p=0.9,
-                                          top_k=20, seed=5, repetition_penalty=1.05)[0]
+    options = {"max_new_tokens": 32, "stop_ids": {2, 7}, "temperature": 0.6, "top_p": 0.9, "top_k": 20}
+    kwargs = generation.vllm_sampling_params(1, seed=5, repetition_penalty=1.05, **options)[0]
     params = SamplingParams(**kwargs)
     assert {name: getattr(params, name) for name in kwargs} == kwargs
 

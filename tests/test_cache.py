@@ -75,10 +75,10 @@ def test_settings_that_only_shape_rows_reuse_the_samples(questions, tiny_model, 
         if after.kind == "full":
             assert after == before
             continue
-        assert len(before.input_ids) - len(response) > len(bare), "the first run's prefix rows had the instruction"
-        if len(response) == 4 + 1 and response[-1] == eos:  # k = 4 generated ids, then the EOS prefix_eos adds
+        assert len(before.input_ids) - len(response) > len(bare), "the first run's prompt had the instruction"
+        if len(response) == 4 + 1 and response[-1] == eos:  # k = 4 generated ids, then prefix_eos's EOS
             response, cut = response[:-1], cut + 1
-        assert after.input_ids == bare + response, "prefix_instruction: null -> the bare prompt, the same sample"
+        assert after.input_ids == bare + response, "instruction null: the bare prompt, the same sample"
         assert after.labels == [-100] * len(bare) + response
     assert cut > 0, "some prefix reached k tokens, so prefix_eos: false shows"
 

@@ -1,4 +1,4 @@
-"""`axolotl-upft` commands as a user runs them: output on success, a usage error (not a traceback) on bad input."""
+"""`axolotl-upft` commands as a user runs them: output on success, a usage error (no traceback) otherwise."""
 
 import json
 import os
@@ -69,8 +69,8 @@ def test_sample_without_a_upft_dataset_is_a_usage_error(tmp_path, tiny_model, qu
 def test_eval_grades_a_jsonl_benchmark_and_prints_its_summary(tmp_path, tiny_model, questions):
     bench = tmp_path / "bench.jsonl"
     bench.write_text("".join(json.dumps(q) + "\n" for q in questions[:3]))
-    result = invoke("eval", "--model", tiny_model, "--benchmark", bench, "--limit", "2", "--max-new-tokens", "6",
-                    "--output", tmp_path / "eval")
+    result = invoke("eval", "--model", tiny_model, "--benchmark", bench, "--limit", "2",
+                    "--max-new-tokens", "6", "--output", tmp_path / "eval")
     assert result.exit_code == 0, result.output
     summary = json.loads(result.stdout)
     assert (summary["benchmark"], summary["n"]) == ("bench", 2)
@@ -107,7 +107,8 @@ def test_analyze_usage_error_names_the_bad_option(tmp_path, tiny_model, question
 
 
 def test_convert_gguf_usage_error_for_a_missing_file(tmp_path):
-    usage_error(invoke("convert-gguf", "--gguf", tmp_path / "none.gguf", "--out", tmp_path / "m"), "does not exist")
+    result = invoke("convert-gguf", "--gguf", tmp_path / "none.gguf", "--out", tmp_path / "m")
+    usage_error(result, "does not exist")
 
 
 def test_axolotl_runs_upft_sample_and_upft_eval_from_the_entry_points(tmp_path, tiny_model, questions):

@@ -11,8 +11,8 @@ import pytest
 
 pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parents[1]
-LEFT_OUT = shutil.ignore_patterns(".git", ".venv", ".whl", "build", "dist", "*.egg-info", "__pycache__", "runs",
-                                  "models", "last_run_prepared", ".pytest_cache")
+LEFT_OUT = shutil.ignore_patterns(".git", ".venv", ".whl", "build", "dist", "*.egg-info", "__pycache__",
+                                  "runs", "models", "last_run_prepared", ".pytest_cache")
 CHECK = """
 import importlib.metadata, json, sys
 import axolotl_upft, axolotl.integrations.upft as shim
@@ -61,7 +61,7 @@ def test_a_built_wheel_installs_into_a_fresh_venv_and_upft_plugin_resolves_throu
     assert Path(found["package"]).is_relative_to(site), "axolotl_upft comes from the wheel"
     assert Path(found["shim"]) == site / "axolotl" / "integrations" / "upft" / "__init__.py"
     assert "axolotl_upft.plugin.UPFTPlugin" in found["plugin"] and found["same_class"]
-    assert found["version"] == run(sys.executable, "-c", "import axolotl_upft; print(axolotl_upft.__version__)",
-                                   cwd=ROOT).strip()
+    version = run(sys.executable, "-c", "import axolotl_upft; print(axolotl_upft.__version__)", cwd=ROOT)
+    assert found["version"] == version.strip()
     assert found["commands"] == ["upft-eval", "upft-sample"]
     assert "convert-gguf" in run(venv / "bin" / "axolotl-upft", "--help", cwd=tmp_path, env=env)

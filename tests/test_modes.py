@@ -84,7 +84,7 @@ def test_rft_where_no_question_has_a_correct_sample_is_an_error_not_an_empty_dat
 ):
     cfg = DictDefault({"base_model": str(tiny_model), "sequence_len": 256})
     upft = UPFTConfig(cache_dir=str(tmp_path), num_samples=3, mode="rft")
-    with pytest.raises(ValueError, match=r"no question kept a correct sample \(num_samples=3\).*upft.num_samples"):
+    with pytest.raises(ValueError, match=r"no question kept a correct sample \(num_samples=3\).*num_samples"):
         build_rows([ROWS[1]], tiny_tokenizer, cfg, upft)  # "eggs": 7, 8, 10 against the gold 9
 
 
