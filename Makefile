@@ -34,6 +34,8 @@ setup: $(STAMP)
 
 # the suite, then the CPU half of the GPU check (scripts/gpu_check.sh), so the script cannot rot between GPU runs
 test: setup
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
 	$(PY) -m pytest -q -rs
 	PY=$(PY) bash scripts/gpu_check.sh --dry-run-cpu
 

@@ -18,7 +18,7 @@ class Distributed:
 
     @classmethod
     def from_env(cls) -> "Distributed":
-        world_size = int(os.environ.get("WORLD_SIZE", 1))
+        world_size = int(os.environ.get("WORLD_SIZE", "1"))
         if world_size == 1:
             return cls()
         import torch
@@ -46,7 +46,7 @@ class Distributed:
         import torch.distributed as dist
 
         cuda = torch.cuda.is_available()
-        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if cuda else "cpu"
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0"))) if cuda else "cpu"
         tensor = torch.tensor(list(values.values()), dtype=torch.long, device=device)
         dist.all_reduce(tensor, op=dist.ReduceOp.MIN)
         return dict(zip(values, tensor.tolist()))

@@ -7,7 +7,7 @@ import re
 import threading
 from pathlib import Path
 
-logger = logging.getLogger(__name__)
+LOG = logging.getLogger(__name__)
 
 BENCHMARKS = {
     "gsm8k": "gsm8k_test.jsonl",
@@ -15,7 +15,6 @@ BENCHMARKS = {
     "aime24": "aime24.jsonl",
     "amc23": "amc23.jsonl",
 }
-QUESTION_FIELDS = ("question", "problem", "prompt")
 DEFAULT_DATA_DIR = Path(__file__).resolve().parents[2] / "shared" / "data"
 
 _BOX_OPEN = re.compile(r"\\(?:boxed|fbox)\s*\{")
@@ -87,14 +86,6 @@ def gold_answer(row: dict, benchmark: str | None = None, field: str = "answer") 
     return text
 
 
-def question_of(row: dict) -> str:
-    """The question text of a row: the first of the fields ``question``, ``problem``, ``prompt``."""
-    for name in QUESTION_FIELDS:
-        if isinstance(row.get(name), str) and row[name].strip():
-            return row[name]
-    raise ValueError(f"row has none of the question fields {QUESTION_FIELDS} (it has {sorted(row)})")
-
-
 def benchmark_path(name: str, data_dir: str | Path | None = None) -> Path:
     """Resolve a benchmark name (see BENCHMARKS) or a path to a .jsonl file."""
     if name.lower() in BENCHMARKS:
@@ -148,14 +139,18 @@ def normalize(answer: str) -> str:
     s = _UNIT.sub("", str(answer).strip())
     s = _TEXT_WRAP.sub(r"\1", s)
     for old, new in (
-        ("\\dfrac", "\\frac"), ("\\tfrac", "\\frac"), ("\\left", ""), ("\\right", ""), ("\\!", ""),
+        ("\\dfrac", "\\frac"),
+        ("\\tfrac", "\\frac"),
+        ("\\left", ""),
+        ("\\right", ""),
+        ("\\!", ""),
     ):
         s = s.replace(old, new)
     s = _DIGIT_GROUP_SPACE.sub(",", s)
     for junk in _FORMATTING:
         s = s.replace(junk, " ")
     s = _LOOSE_SPACE.sub("", re.sub(r"\s+", " ", s).strip())
-    s = _FRAC_DIGITS.sub(lambda m: "\\frac{%s}{%s}" % (m[1].strip("{}"), m[2].strip("{}")), s)
+    s = _FRAC_DIGITS.sub(lambda m: "\\frac{" + m[1].strip("{}") + "}{" + m[2].strip("{}") + "}", s)
     s = re.sub(r"\\sqrt\s*(\d)", r"\\sqrt{\1}", s)
     s = s.rstrip(".")
     if _THOUSANDS.fullmatch(s):
@@ -190,14 +185,14 @@ def _math_verify_bounded(pred: str, gold: str, timeout_s: float) -> bool | None:
         try:
             verdict.append(_math_verify(pred, gold, None))
         # An error here would only reach threading's excepthook; no verdict means "use the text compare".
-        except Exception as err:
-            logger.debug("math-verify failed on %r vs gold %r: %r", pred[:80], gold[:80], err)
+        except Exception as err:  # noqa: BLE001
+            LOG.debug("math-verify failed on %r vs gold %r: %r", pred[:80], gold[:80], err)
 
     worker = threading.Thread(target=work, daemon=True)
     worker.start()
     worker.join(timeout_s)
     if worker.is_alive():
-        logger.warning("math-verify ran past %.1fs on %r vs gold %r", timeout_s, pred[:80], gold[:80])
+        LOG.warning("math-verify ran past %.1fs on %r vs gold %r", timeout_s, pred[:80], gold[:80])
         return None
     return verdict[0] if verdict else None
 
@@ -231,7 +226,12 @@ def is_equivalent(pred: str | None, gold: str, timeout_s: float = 5) -> bool:
         verdict = _math_verify_bounded(pred, gold, timeout_s)
     # sympy can raise nearly anything on odd input, and one bad answer must not crash an eval run:
     # any failure leaves the text compare's verdict (not equal).
-    except (Exception, timeout_exception) as err:
-        logger.debug("math-verify failed on %r vs gold %r: %r", pred[:80], gold[:80], err)
+    except (Exception, timeout_exception) as err:  # noqa: BLE001
+        LOG.debug("math-verify failed on %r vs gold %r: %r", pred[:80], gold[:80], err)
         verdict = None
     return bool(verdict)
+
+
+def is_correct(tokenizer, ids: list[int], gold: str) -> bool:
+    """Whether generated ids, decoded, end in an answer equivalent to ``gold``."""
+    return is_equivalent(extract_answer(tokenizer.decode(ids, skip_special_tokens=True)), gold)

@@ -9,9 +9,9 @@ from pathlib import Path
 from axolotl.integrations.base import BasePlugin
 
 from .args import ARGS_PATH, UPFTConfig
+from .cache import weight_files
 
 HASHED_CFG_KEYS = ("upft", "base_model", "upft_model")  # upft_model: set by load_datasets
-SAVED_WEIGHTS = ("adapter_model.safetensors", "model.safetensors", "model.safetensors.index.json")
 LOG = logging.getLogger(__name__)
 
 
@@ -43,7 +43,6 @@ class UPFTPlugin(BasePlugin):
             from .selfsample import model_fingerprint
 
             cfg["upft_model"] = model_fingerprint(cfg.base_model)
-        return None
 
     def get_trainer_cls(self, cfg):
         """`upft.loss_normalization: sample` (the default): every row weighs the same, as at micro-batch 1."""
@@ -66,12 +65,12 @@ class UPFTPlugin(BasePlugin):
 
     def post_train_unload(self, cfg):
         """`upft.eval_after_train`: greedy accuracy of what this run saved, once the trainer is freed."""
-        if cfg.get("upft") is None or int(os.environ.get("RANK", 0)) != 0 or not self._trained:
+        if cfg.get("upft") is None or int(os.environ.get("RANK", "0")) != 0 or not self._trained:
             return
         upft = UPFTConfig.from_cfg(cfg)
         out = Path(cfg.output_dir)
         # Unload also runs after a failed save: weights left by an earlier run must not be evaluated.
-        saved = [out / name for name in SAVED_WEIGHTS if (out / name).exists()]
+        saved = weight_files(out)
         if not upft.eval_after_train or not any(p.stat().st_mtime >= self._started for p in saved):
             return
         from .evaluate import evaluate
@@ -80,7 +79,11 @@ class UPFTPlugin(BasePlugin):
         model_path = cfg.base_model if adapter else str(out)
         for benchmark in upft.eval_after_train:
             summary = evaluate(
-                model_path, benchmark, adapter=adapter, output_dir=out / "eval",
-                system_prompt=upft.system_prompt, max_new_tokens=upft.sampling.max_new_tokens,
+                model_path,
+                benchmark,
+                adapter=adapter,
+                output_dir=out / "eval",
+                system_prompt=upft.system_prompt,
+                max_new_tokens=upft.sampling.max_new_tokens,
             )
             LOG.info("UPFT eval %s: %.1f%% of %d", benchmark, summary["accuracy"], summary["n"])

@@ -2,16 +2,14 @@
 
 import json
 import logging
-import time
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterable
 
-from tqdm.auto import tqdm
-
-from .args import UPFTConfig
+from .args import SamplingConfig, UPFTConfig
+from .cache import Record, SampleCache, digest, ids_digest, weight_files
 from .distributed import Distributed
-from .cache import Record, SampleCache, digest, ids_digest
+from .loop import Generated, generate_all, widths
 from .prompts import chat_messages, check_tokenizer, question_text, render_prompt_ids
 from .rows import FULL, PREFIX, question_kinds
 
@@ -51,10 +49,15 @@ def prepare_questions(rows: Iterable[dict], tokenizer, upft: UPFTConfig) -> list
                 golds[i] = gold_answer(row, None, field=upft.answer_field)
             except ValueError as err:
                 raise ValueError(
-                    f"upft.answer_field: row {i}: {err}. mode: rft and label_filter grade samples against it; "
+                    f"upft.answer_field: row {i}: {err}. "
+                    "mode: rft and label_filter grade samples against it; "
                     "set upft.answer_field to the gold answer's column."
                 ) from None
-    targets = [FULL] * len(texts) if upft.mode != "upft" else question_kinds(len(texts), upft.structure_ratio, upft.seed)
+    targets = (
+        [FULL] * len(texts)
+        if upft.mode != "upft"
+        else question_kinds(len(texts), upft.structure_ratio, upft.seed)
+    )
     copies = upft.num_samples if upft.needs_gold else 1
     tasks = []
     for i, (text, target) in enumerate(zip(texts, targets)):
@@ -86,7 +89,9 @@ def read_generation_config(base_model: str) -> dict:
     except OSError as err:  # no network, offline and not cached, HTTP errors
         LOG.warning(
             "UPFT: could not read generation_config.json of %s (%s): its top_p, top_k and EOS ids are not "
-            "applied. Set upft.sampling.top_p / top_k, or make the file reachable.", base_model, err,
+            "applied. Set upft.sampling.top_p / top_k, or make the file reachable.",
+            base_model,
+            err,
         )
     return {}
 
@@ -104,15 +109,15 @@ def model_fingerprint(base_model: str) -> dict:
     path = Path(base_model)
     if not path.is_dir():
         return {"name": base_model, "revision": hub_revision(base_model)}
-    files = sorted(p for p in path.iterdir() if p.suffix in {".safetensors", ".bin", ".json"})
+    files = sorted([*weight_files(path), *path.glob("*.json")])
     return {
         "path": str(path.resolve()),
         "files": [[p.name, p.stat().st_size, p.stat().st_mtime_ns] for p in files],
     }
 
 
-def sampling_settings(upft: UPFTConfig, generation_config: dict) -> dict:
-    s = upft.sampling
+def sampling_settings(s: SamplingConfig, generation_config: dict) -> dict:
+    """What a sample is drawn with: unset top_p / top_k come from the model's generation config."""
     return {
         "temperature": s.temperature,
         "top_p": s.top_p if s.top_p is not None else generation_config.get("top_p", 1.0),
@@ -126,7 +131,7 @@ def open_cache(
     cache_root: str, base_model: str, tokenizer, upft: UPFTConfig, questions: list[Question]
 ) -> tuple[SampleCache, dict, frozenset[int]]:
     generation_config = read_generation_config(base_model)
-    settings = sampling_settings(upft, generation_config)
+    settings = sampling_settings(upft.sampling, generation_config)
     stops = stop_ids(tokenizer, generation_config)
     meta = {
         "model": model_fingerprint(base_model),
@@ -142,22 +147,6 @@ def open_cache(
     cache = SampleCache(cache_root, digest(meta), meta)
     cache.open()
     return cache, settings, stops
-
-
-def plan_batches(missing: list[Question], batch_size: int | dict[str, int]) -> list[list[Question]]:
-    """Prefix and full questions apart (a prefix batch stops at k), length-sorted to cut padding.
-    `batch_size` is one size, or one per kind."""
-    sizes = batch_size if isinstance(batch_size, dict) else {PREFIX: batch_size, FULL: batch_size}
-    batches = []
-    for kind in (PREFIX, FULL):
-        group = sorted((q for q in missing if q.kind == kind), key=lambda q: (len(q.prompt_ids), q.index))
-        size = sizes.get(kind, 1)
-        batches += [group[i : i + size] for i in range(0, len(group), size)]
-    return batches
-
-
-def batch_seed(seed: int, batch: list[Question]) -> int:
-    return int(digest([seed, [q.index for q in batch]])[:8], 16)
 
 
 def sample_questions(
@@ -176,74 +165,34 @@ def sample_questions(
     from .generation import resolve_backend, resolve_batch_sizes
 
     dist = dist or Distributed()
-    rank, world_size, barrier = dist.rank, dist.world_size, dist.barrier
-
-    done = cache.load()
-    check_records(done, questions, cache)
-    barrier()
-    missing = [q for q in questions if q.index not in done]
     limits = {PREFIX: upft.prefix_length, FULL: settings["max_new_tokens"]}
-    widths = {
-        kind: max(len(q.prompt_ids) for q in group)
-        for kind in (PREFIX, FULL)
-        if (group := [q for q in missing if q.kind == kind])
-    }
     backend = resolve_backend(upft.sampling.backend)
-    batch_sizes = dist.minimum(resolve_batch_sizes(upft.sampling, backend, base_model, widths, limits))
-    batches = plan_batches(missing, batch_sizes)
-    mine = batches[rank::world_size]
-    started, new_tokens = time.perf_counter(), 0
-    if mine:
-        LOG.info(
-            "UPFT: sampling %d of %d questions (%d cached) in %d batches of up to %s on rank %d/%d",
-            sum(map(len, mine)), len(questions), len(done), len(mine), batch_sizes, rank, world_size,
-        )
-        model = load_model()
-        bar = tqdm(total=len(missing), desc="UPFT sampling", unit="q", disable=rank != 0)
-        for batch in mine:
-            outputs = model.generate(
-                [q.prompt_ids for q in batch],
-                max_new_tokens=limits[batch[0].kind],
-                stop_ids=stops,
-                pad_id=pad_id,
-                temperature=settings["temperature"],
-                top_p=settings["top_p"],
-                top_k=settings["top_k"],
-                repetition_penalty=settings["repetition_penalty"],
-                seed=batch_seed(upft.seed, batch),
-            )
-            records = [
-                Record(q.index, q.kind, ids_digest(q.prompt_ids), ids, stopped)
-                for q, (ids, stopped) in zip(batch, outputs)
-            ]
-            cache.write_part(records)
-            new_tokens += sum(len(r.ids) for r in records)
-            bar.update(max(0, cache.count_done() - len(done) - bar.n))
-            bar.set_postfix(tok_s=f"{new_tokens / (time.perf_counter() - started):.0f}")
-        bar.close()
-        del model
-    barrier()
-    records = cache.load()
-    if len(records) < len(questions):
-        raise RuntimeError(f"UPFT: {len(questions) - len(records)} questions have no sample in {cache.dir}")
-    if rank == 0:
-        if not cache.is_complete():
-            new = sum(len(r.ids) for i, r in records.items() if i not in done)
-            cache.write_summary(summarize(questions, records, time.perf_counter() - started, new))
-    barrier()
-    return records
+    sizes = dist.minimum(resolve_batch_sizes(upft.sampling, backend, base_model, widths(questions), limits))
+    generated = generate_all(
+        questions,
+        cache,
+        load_model,
+        sizes={kind: sizes[kind] for kind in (PREFIX, FULL) if kind in sizes},
+        limits=limits,
+        options=sampling_options(settings, stops, pad_id),
+        seed=upft.seed,
+        dist=dist,
+        desc="UPFT sampling",
+    )
+    if dist.rank == 0 and not cache.is_complete():
+        cache.write_summary(summarize(questions, generated))
+    dist.barrier()
+    return generated.records
 
 
-def check_records(done: dict[int, Record], questions: list[Question], cache: SampleCache) -> None:
-    for index, record in done.items():
-        if index >= len(questions) or record.prompt_digest != ids_digest(questions[index].prompt_ids):
-            raise RuntimeError(
-                f"{cache.dir}: the cached sample of question {index} was drawn for another prompt. "
-                f"Delete {cache.dir} to sample again."
-            )
+def sampling_options(settings: dict, stops: frozenset[int], pad_id: int) -> dict:
+    """The keyword arguments of a backend's `generate` for these sampling settings."""
+    keys = ("temperature", "top_p", "top_k", "repetition_penalty")
+    return {"stop_ids": stops, "pad_id": pad_id, **{key: settings[key] for key in keys}}
 
 
-def summarize(questions: list[Question], records: dict[int, Record], seconds: float, new_tokens: int) -> dict:
+def summarize(questions: list[Question], generated: Generated) -> dict:
+    records, seconds, new_tokens = generated.records, generated.seconds, generated.new_tokens
     full = [r for r in records.values() if r.kind == FULL]
     total = sum(len(r.ids) for r in records.values())
     mean_full = sum(len(r.ids) for r in full) / len(full) if full else None

@@ -36,12 +36,17 @@ class SampleNormalizedMixin:
                 f"({self.compute_loss_func!r}, e.g. use_eaft or use_dft): drop it {FIX}"
             )
         if self.label_smoother is not None:
-            raise ValueError(f"upft.loss_normalization: sample has no label smoothing: drop label_smoothing_factor {FIX}")
+            raise ValueError(
+                f"upft.loss_normalization: sample has no label smoothing: drop label_smoothing_factor {FIX}"
+            )
         if self.args.n_gpu > 1:
-            raise ValueError(f"upft.loss_normalization: sample needs one GPU per process: launch with accelerate {FIX}")
+            raise ValueError(
+                f"upft.loss_normalization: sample needs one GPU per process: launch with accelerate {FIX}"
+            )
         if self.get_tp_size() * self.get_cp_size() * self.get_sp_size() > 1:
             raise ValueError(
-                "upft.loss_normalization: sample cannot see rows split over tensor-, context- or sequence-parallel "
+                "upft.loss_normalization: sample cannot see rows split over tensor-, context- or "
+                "sequence-parallel "
                 f"ranks: drop tensor_parallel_size / context_parallel_size / sequence parallelism {FIX}"
             )
 

@@ -15,14 +15,20 @@ needs_vllm_gpu = pytest.mark.skipif(
 
 def run(questions, model, tokenizer, cache, backend):
     upft = UPFTConfig(
-        cache_dir=str(cache), prefix_length=4, structure_ratio=0.25,
+        cache_dir=str(cache),
+        prefix_length=4,
+        structure_ratio=0.25,
         sampling={"max_new_tokens": 12, "batch_size": 4, "backend": backend},
     )
-    return build_rows(questions[:8], tokenizer, DictDefault({"base_model": str(model), "sequence_len": 256}), upft)
+    return build_rows(
+        questions[:8], tokenizer, DictDefault({"base_model": str(model), "sequence_len": 256}), upft
+    )
 
 
 @pytest.mark.skipif(generation.is_vllm_available(), reason="vLLM is installed here")
-def test_vllm_backend_without_vllm_names_the_extra_to_install(questions, tiny_model, tiny_tokenizer, tmp_path):
+def test_vllm_backend_without_vllm_names_the_extra_to_install(
+    questions, tiny_model, tiny_tokenizer, tmp_path
+):
     with pytest.raises(ImportError, match=r'pip install "axolotl-upft\[vllm\]"'):
         run(questions, tiny_model, tiny_tokenizer, tmp_path, "vllm")
 
@@ -47,11 +53,26 @@ def test_auto_backend_samples_with_hf_on_a_cpu_even_where_vllm_looks_installed(
 
 def test_vllm_request_parameters_carry_the_hf_settings_in_vllms_terms():
     params = generation.vllm_sampling_params(
-        3, max_new_tokens=32, stop_ids=frozenset({7, 2}), temperature=0.6, top_p=None, top_k=None, seed=100,
+        3,
+        max_new_tokens=32,
+        stop_ids=frozenset({7, 2}),
+        temperature=0.6,
+        top_p=None,
+        top_k=None,
+        seed=100,
         repetition_penalty=1.05,
     )
-    assert params[0] == {"n": 1, "temperature": 0.6, "top_p": 1.0, "top_k": -1, "repetition_penalty": 1.05,
-                         "max_tokens": 32, "stop_token_ids": [2, 7], "seed": 100, "detokenize": False}
+    assert params[0] == {
+        "n": 1,
+        "temperature": 0.6,
+        "top_p": 1.0,
+        "top_k": -1,
+        "repetition_penalty": 1.05,
+        "max_tokens": 32,
+        "stop_token_ids": [2, 7],
+        "seed": 100,
+        "detokenize": False,
+    }
     assert [p["seed"] for p in params] == [100, 101, 102], "one seed per request: batch seed + position"
     options = {"max_new_tokens": 8, "stop_ids": {2}, "temperature": 0.6, "top_p": 0.8, "seed": 0}
     set_ = generation.vllm_sampling_params(1, top_k=20, **options)[0]
@@ -72,7 +93,9 @@ def test_vllm_sampling_params_accepts_every_mapped_parameter_with_its_value():
 
 @pytest.mark.gpu
 @needs_vllm_gpu
-def test_vllm_rows_follow_the_same_prefix_and_mask_rules_as_hf(questions, tiny_model, tiny_tokenizer, tmp_path):
+def test_vllm_rows_follow_the_same_prefix_and_mask_rules_as_hf(
+    questions, tiny_model, tiny_tokenizer, tmp_path
+):
     hf = run(questions, tiny_model, tiny_tokenizer, tmp_path / "hf", "hf")
     vllm = run(questions, tiny_model, tiny_tokenizer, tmp_path / "vllm", "vllm")
     assert [r.kind for r in vllm] == [r.kind for r in hf]

@@ -28,12 +28,18 @@ def counted(monkeypatch):
 
 
 def run(questions, model, tokenizer, cache, **upft):
-    upft = {"prefix_length": 4, "structure_ratio": 0.25, "sampling": {"max_new_tokens": 12, "batch_size": 4}} | upft
+    upft = {
+        "prefix_length": 4,
+        "structure_ratio": 0.25,
+        "sampling": {"max_new_tokens": 12, "batch_size": 4},
+    } | upft
     cfg = DictDefault({"base_model": str(model), "sequence_len": 256})
     return build_rows(questions[:16], tokenizer, cfg, UPFTConfig(cache_dir=str(cache), **upft))
 
 
-def test_second_run_samples_nothing_and_builds_the_same_rows(questions, tiny_model, tiny_tokenizer, tmp_path, counted):
+def test_second_run_samples_nothing_and_builds_the_same_rows(
+    questions, tiny_model, tiny_tokenizer, tmp_path, counted
+):
     first = run(questions, tiny_model, tiny_tokenizer, tmp_path)
     assert counted["questions"] == 16
     second = run(questions, tiny_model, tiny_tokenizer, tmp_path)
@@ -62,7 +68,9 @@ def test_any_setting_that_changes_samples_starts_a_new_cache(
     assert len(list(tmp_path.iterdir())) == 2
 
 
-def test_settings_that_only_shape_rows_reuse_the_samples(questions, tiny_model, tiny_tokenizer, tmp_path, counted):
+def test_settings_that_only_shape_rows_reuse_the_samples(
+    questions, tiny_model, tiny_tokenizer, tmp_path, counted
+):
     from axolotl_upft.prompts import chat_messages, render_prompt_ids
 
     first = run(questions, tiny_model, tiny_tokenizer, tmp_path)
@@ -102,7 +110,7 @@ def test_a_corrupt_or_foreign_file_in_the_cache_is_an_error_never_reused(
 ):
     run(questions, tiny_model, tiny_tokenizer, tmp_path)
     (run_dir,) = tmp_path.iterdir()
-    part = sorted(run_dir.glob("part-*.jsonl"))[0]
+    part = min(run_dir.glob("part-*.jsonl"))
     part.write_text(part.read_text()[:-20])
     with pytest.raises(RuntimeError, match=f"{part.name} is corrupt.*Delete it"):
         run(questions, tiny_model, tiny_tokenizer, tmp_path)
@@ -116,7 +124,9 @@ def test_summary_counts_questions_kinds_and_tokens(questions, tiny_model, tiny_t
     run(questions, tiny_model, tiny_tokenizer, tmp_path)
     (run_dir,) = tmp_path.iterdir()
     summary = json.loads((run_dir / "summary.json").read_text())
-    records = [json.loads(line) for p in run_dir.glob("part-*.jsonl") for line in p.read_text().splitlines()[1:]]
+    records = [
+        json.loads(line) for p in run_dir.glob("part-*.jsonl") for line in p.read_text().splitlines()[1:]
+    ]
     assert (summary["questions"], summary["prefix"], summary["full"]) == (16, 12, 4)
     assert summary["tokens_generated"] == sum(len(r["ids"]) for r in records)
     assert all(len(r["ids"]) <= 4 for r in records if r["kind"] == "prefix")
@@ -128,8 +138,13 @@ def prepared_data_hash(base_model: str) -> str:
 
     from axolotl_upft.plugin import UPFTPlugin
 
-    cfg = DictDefault({"base_model": base_model, "upft": {"prefix_length": 4},
-                       "datasets": [{"path": "questions.jsonl", "type": "upft"}]})
+    cfg = DictDefault(
+        {
+            "base_model": base_model,
+            "upft": {"prefix_length": 4},
+            "datasets": [{"path": "questions.jsonl", "type": "upft"}],
+        }
+    )
     plugin = UPFTPlugin()
     plugin.register(cfg)
     assert plugin.load_datasets(cfg, preprocess=True) is None, "the hook only adds to the hash; Axolotl loads"

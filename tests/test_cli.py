@@ -9,9 +9,9 @@ from pathlib import Path
 import pytest
 import yaml
 from click.testing import CliRunner
+from test_axolotl_e2e import write_config
 
 from axolotl_upft.cli import main
-from test_axolotl_e2e import write_config
 
 pytestmark = pytest.mark.slow
 
@@ -69,8 +69,19 @@ def test_sample_without_a_upft_dataset_is_a_usage_error(tmp_path, tiny_model, qu
 def test_eval_grades_a_jsonl_benchmark_and_prints_its_summary(tmp_path, tiny_model, questions):
     bench = tmp_path / "bench.jsonl"
     bench.write_text("".join(json.dumps(q) + "\n" for q in questions[:3]))
-    result = invoke("eval", "--model", tiny_model, "--benchmark", bench, "--limit", "2",
-                    "--max-new-tokens", "6", "--output", tmp_path / "eval")
+    result = invoke(
+        "eval",
+        "--model",
+        tiny_model,
+        "--benchmark",
+        bench,
+        "--limit",
+        "2",
+        "--max-new-tokens",
+        "6",
+        "--output",
+        tmp_path / "eval",
+    )
     assert result.exit_code == 0, result.output
     summary = json.loads(result.stdout)
     assert (summary["benchmark"], summary["n"]) == ("bench", 2)
@@ -92,8 +103,20 @@ def test_eval_usage_errors(args, message, tmp_path, tiny_model):
 
 def test_analyze_prints_the_table_and_a_suggested_k(tmp_path, tiny_model, questions):
     config = write_config(tmp_path, tiny_model, questions)
-    result = invoke("analyze", config, "--questions", "2", "--samples", "2", "--lengths", "2,4",
-                    "--max-new-tokens", "6", "--output", tmp_path / "analysis")
+    result = invoke(
+        "analyze",
+        config,
+        "--questions",
+        "2",
+        "--samples",
+        "2",
+        "--lengths",
+        "2,4",
+        "--max-new-tokens",
+        "6",
+        "--output",
+        tmp_path / "analysis",
+    )
     assert result.exit_code == 0, result.output
     assert "suggested: upft.prefix_length:" in result.output
     saved = json.loads((tmp_path / "analysis" / "analysis.json").read_text())
@@ -115,8 +138,14 @@ def test_axolotl_runs_upft_sample_and_upft_eval_from_the_entry_points(tmp_path, 
     env = dict(os.environ, PATH=f"{Path(sys.executable).parent}:{os.environ['PATH']}")
 
     def axolotl(*args):
-        return subprocess.run([sys.executable, "-m", "axolotl.cli.main", *map(str, args)], env=env,
-                              capture_output=True, text=True, timeout=300)
+        return subprocess.run(
+            [sys.executable, "-m", "axolotl.cli.main", *map(str, args)],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=300,
+            check=False,
+        )
 
     bad = axolotl("upft-eval", "--model", tiny_model, "--benchmark", "gsm9k", "--output", tmp_path)
     assert bad.returncode == 2 and "unknown benchmark 'gsm9k'" in bad.stderr, bad.stderr[-2000:]

@@ -40,8 +40,16 @@ def test_question_field_and_template_together_is_an_error():
         ([{"question": "a b"}, {"body": "x"}], {}, r"row 1: no question found .*the row has: body"),
         ([{"question": "a b"}, {"question": "  "}], {}, r"row 1: the question \(field 'question'\) is empty"),
         ([{"question": None}], {}, r"row 0: the question .* is empty or not text"),
-        ([{"question": "a"}], {"question_field": "query"}, r"upft.question_field: row 0 has no field 'query' .*question"),
-        ([{"Body": "a"}], {"question_template": "{Body} {Question}"}, r"question_template: row 0 has no field 'Question'"),
+        (
+            [{"question": "a"}],
+            {"question_field": "query"},
+            r"upft.question_field: row 0 has no field 'query' .*question",
+        ),
+        (
+            [{"Body": "a"}],
+            {"question_template": "{Body} {Question}"},
+            r"question_template: row 0 has no field 'Question'",
+        ),
     ],
 )
 def test_bad_rows_name_the_row_and_the_fix_and_sample_nothing(
@@ -96,9 +104,16 @@ def test_rows_longer_than_sequence_len_lose_their_last_tokens_and_the_log_counts
 @pytest.mark.parametrize(
     ("row", "question"),
     [
-        ({"messages": [{"role": "system", "content": "Be brief ."},
-                       {"role": "user", "content": "How many clips ?"},
-                       {"role": "assistant", "content": "72"}]}, "How many clips ?"),
+        (
+            {
+                "messages": [
+                    {"role": "system", "content": "Be brief ."},
+                    {"role": "user", "content": "How many clips ?"},
+                    {"role": "assistant", "content": "72"},
+                ]
+            },
+            "How many clips ?",
+        ),
         ({"instruction": "How many clips ?", "output": "72"}, "How many clips ?"),
         ({"problem": "How many clips ?", "instruction": "Solve ."}, "How many clips ?"),
     ],
@@ -110,8 +125,14 @@ def test_questions_come_from_messages_or_instruction_rows(
     from axolotl_upft.prompts import chat_messages, render_prompt_ids
     from axolotl_upft.rows import IGNORE_INDEX
 
-    (built,) = run([row], tiny_tokenizer, tiny_model, tmp_path, structure_ratio=1.0,
-                   sampling={"max_new_tokens": 4, "batch_size": 1})
+    (built,) = run(
+        [row],
+        tiny_tokenizer,
+        tiny_model,
+        tmp_path,
+        structure_ratio=1.0,
+        sampling={"max_new_tokens": 4, "batch_size": 1},
+    )
     prompt = render_prompt_ids(tiny_tokenizer, chat_messages(question, None))
     assert built.input_ids[: len(prompt)] == prompt
     assert built.labels[: len(prompt)] == [IGNORE_INDEX] * len(prompt)

@@ -9,8 +9,9 @@ import pytest
 from tiny import build_model, gsm8k_questions
 
 from axolotl_upft import evaluate as ev
-from axolotl_upft.grading import extract_answer, gold_answer, is_equivalent
+from axolotl_upft import generation
 from axolotl_upft.distributed import Distributed
+from axolotl_upft.grading import extract_answer, gold_answer, is_equivalent
 
 LIMIT = 5
 MAX_NEW = 12
@@ -27,13 +28,13 @@ def model_dir(tmp_path_factory):
 def calls(monkeypatch):
     """Prompt counts of every generate_batch call evaluate makes (real generation still runs)."""
     seen = []
-    real = ev.generate_batch
+    real = generation.generate_batch
 
     def spy(model, prompts, **kwargs):
         seen.append((threading.current_thread().name, len(prompts)))
         return real(model, prompts, **kwargs)
 
-    monkeypatch.setattr(ev, "generate_batch", spy)
+    monkeypatch.setattr(generation, "generate_batch", spy)
     return seen
 
 
@@ -86,7 +87,7 @@ def test_eval_writes_graded_rows_summary_and_table_then_a_rerun_generates_nothin
 
 
 def test_a_run_killed_mid_way_resumes_from_its_finished_batches(model_dir, tmp_path, monkeypatch):
-    real, seen, killed = ev.generate_batch, [], []
+    real, seen, killed = generation.generate_batch, [], []
 
     def dies_on_second_batch(model, prompts, **kwargs):
         if len(seen) == 1 and not killed:
@@ -95,7 +96,7 @@ def test_a_run_killed_mid_way_resumes_from_its_finished_batches(model_dir, tmp_p
         seen.append(len(prompts))
         return real(model, prompts, **kwargs)
 
-    monkeypatch.setattr(ev, "generate_batch", dies_on_second_batch)
+    monkeypatch.setattr(generation, "generate_batch", dies_on_second_batch)
     with pytest.raises(KeyboardInterrupt):
         run(model_dir, tmp_path)
     assert not (tmp_path / "gsm8k.jsonl").exists()
@@ -116,7 +117,9 @@ def test_accuracy_counts_equivalent_answers_on_a_custom_jsonl_file(model_dir, tm
     )
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     reply = tokenizer("The answer is 18 .", add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
-    monkeypatch.setattr(ev, "generate_batch", lambda model, prompts, **kw: [(reply, True) for _ in prompts])
+    monkeypatch.setattr(
+        generation, "generate_batch", lambda model, prompts, **kw: [(reply, True) for _ in prompts]
+    )
 
     summary = run(model_dir, tmp_path / "out", benchmark=str(bench), limit=None)
 

@@ -1,4 +1,4 @@
-"""Batch sizes and the static KV cache of the hf backend: sizes per kind, memory estimate, same samples."""
+"""The generation backends: batch sizes per kind, memory estimate, static KV cache, the candidate sampler."""
 
 import json
 
@@ -9,13 +9,24 @@ from axolotl.utils.dict import DictDefault
 from axolotl_upft import generation
 from axolotl_upft.args import UPFTConfig
 from axolotl_upft.dataset import build_rows
-from axolotl_upft.selfsample import Question, plan_batches
 
 # The public Qwen2.5-0.5B and Qwen2.5-7B shapes (config.json keys the estimate reads)
-QWEN_05B = {"hidden_size": 896, "num_hidden_layers": 24, "num_attention_heads": 14, "num_key_value_heads": 2,
-            "intermediate_size": 4864, "vocab_size": 151936}
-QWEN_7B = {"hidden_size": 3584, "num_hidden_layers": 28, "num_attention_heads": 28, "num_key_value_heads": 4,
-           "intermediate_size": 18944, "vocab_size": 152064}
+QWEN_05B = {
+    "hidden_size": 896,
+    "num_hidden_layers": 24,
+    "num_attention_heads": 14,
+    "num_key_value_heads": 2,
+    "intermediate_size": 4864,
+    "vocab_size": 151936,
+}
+QWEN_7B = {
+    "hidden_size": 3584,
+    "num_hidden_layers": 28,
+    "num_attention_heads": 28,
+    "num_key_value_heads": 4,
+    "intermediate_size": 18944,
+    "vocab_size": 152064,
+}
 GIB = 2**30
 
 
@@ -36,9 +47,9 @@ def test_prefix_rows_fit_far_more_than_full_rows_and_bigger_models_fewer():
 
 
 def test_text_config_of_multimodal_configs_is_read():
-    assert generation.rows_that_fit({"text_config": QWEN_05B}, width=160, new_tokens=32, memory_bytes=GIB) == (
-        generation.rows_that_fit(QWEN_05B, width=160, new_tokens=32, memory_bytes=GIB)
-    )
+    assert generation.rows_that_fit(
+        {"text_config": QWEN_05B}, width=160, new_tokens=32, memory_bytes=GIB
+    ) == (generation.rows_that_fit(QWEN_05B, width=160, new_tokens=32, memory_bytes=GIB))
 
 
 @pytest.mark.parametrize(
@@ -53,18 +64,10 @@ def test_text_config_of_multimodal_configs_is_read():
 @pytest.mark.skipif(torch.cuda.is_available(), reason="CPU defaults")
 def test_batch_sizes_per_kind_on_cpu(sampling, expected, tiny_model):
     upft = UPFTConfig(sampling=sampling)
-    sizes = generation.resolve_batch_sizes(upft.sampling, "hf", str(tiny_model), {"prefix": 40, "full": 40},
-                                        {"prefix": 32, "full": 1024})
+    sizes = generation.resolve_batch_sizes(
+        upft.sampling, "hf", str(tiny_model), {"prefix": 40, "full": 40}, {"prefix": 32, "full": 1024}
+    )
     assert sizes == expected
-
-
-def test_plan_batches_uses_each_kinds_size():
-    questions = [Question(i, "", [1] * (i % 5 + 1), "prefix" if i % 4 else "full") for i in range(40)]
-    batches = plan_batches(questions, {"prefix": 8, "full": 3})
-    assert [len(b) for b in batches] == [8, 8, 8, 6, 3, 3, 3, 1]
-    assert all(len({q.kind for q in b}) == 1 for b in batches)
-    assert sorted(q.index for b in batches for q in b) == list(range(40))
-    assert plan_batches(questions, 8) == plan_batches(questions, {"prefix": 8, "full": 8})
 
 
 def test_static_width_pads_prompts_to_a_multiple_of_64():
@@ -72,14 +75,23 @@ def test_static_width_pads_prompts_to_a_multiple_of_64():
     assert generation.pad_width(65, "dynamic") == 65
 
 
-def test_static_kv_cache_draws_the_same_greedy_samples_as_the_dynamic_one(tiny_model, tiny_tokenizer, questions):
+def test_static_kv_cache_draws_the_same_greedy_samples_as_the_dynamic_one(
+    tiny_model, tiny_tokenizer, questions
+):
     from axolotl_upft.prompts import chat_messages, render_prompt_ids
 
     model = generation.load_model(str(tiny_model), torch.device("cpu"))
     prompts = [render_prompt_ids(tiny_tokenizer, chat_messages(q["question"], None)) for q in questions[:6]]
     assert len({len(p) for p in prompts}) > 1, "prompts of different widths exercise the left padding"
-    options = {"max_new_tokens": 12, "stop_ids": frozenset({tiny_tokenizer.eos_token_id}),
-               "pad_id": tiny_tokenizer.pad_token_id, "temperature": 0.0, "top_p": None, "top_k": None, "seed": 0}
+    options = {
+        "max_new_tokens": 12,
+        "stop_ids": frozenset({tiny_tokenizer.eos_token_id}),
+        "pad_id": tiny_tokenizer.pad_token_id,
+        "temperature": 0.0,
+        "top_p": None,
+        "top_k": None,
+        "seed": 0,
+    }
     dynamic = generation.generate_batch(model, prompts, **options)
     static = generation.generate_batch(model, prompts, cache_implementation="static", **options)
     assert static == dynamic
@@ -97,11 +109,23 @@ def test_prefix_batch_size_and_static_cache_reach_the_sampler_through_the_upft_b
         return real(model, prompts, **kwargs)
 
     monkeypatch.setattr(generation, "generate_batch", spy)
-    upft = UPFTConfig(cache_dir=str(tmp_path), prefix_length=4, structure_ratio=0.25,
-                      sampling={"max_new_tokens": 12, "batch_size": 2, "prefix_batch_size": 5,
-                                "cache_implementation": "static"})
-    rows = build_rows(questions[:12], tiny_tokenizer,
-                      DictDefault({"base_model": str(tiny_model), "sequence_len": 256}), upft)
+    upft = UPFTConfig(
+        cache_dir=str(tmp_path),
+        prefix_length=4,
+        structure_ratio=0.25,
+        sampling={
+            "max_new_tokens": 12,
+            "batch_size": 2,
+            "prefix_batch_size": 5,
+            "cache_implementation": "static",
+        },
+    )
+    rows = build_rows(
+        questions[:12],
+        tiny_tokenizer,
+        DictDefault({"base_model": str(tiny_model), "sequence_len": 256}),
+        upft,
+    )
     assert len(rows) == 12
     assert seen == [(5, 4, "static"), (4, 4, "static"), (2, 12, "static"), (1, 12, "static")]
     summary = json.loads(next(tmp_path.glob("*/summary.json")).read_text())
@@ -110,7 +134,11 @@ def test_prefix_batch_size_and_static_cache_reach_the_sampler_through_the_upft_b
 
 def chain(scores, temperature, top_k, top_p):
     """transformers' own warper chain, as `generate` builds it from temperature, top_k and top_p."""
-    from transformers.generation.logits_process import TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
+    from transformers.generation.logits_process import (
+        TemperatureLogitsWarper,
+        TopKLogitsWarper,
+        TopPLogitsWarper,
+    )
 
     scores = TemperatureLogitsWarper(temperature)(None, scores)
     if top_k:
@@ -175,13 +203,22 @@ def test_sampling_is_seeded_and_greedy_matches_transformers_greedy(tiny_model, t
     assert generation.generate_batch(model, prompts, temperature=0.7, seed=3, **options) == first
     assert generation.generate_batch(model, prompts, temperature=0.7, seed=4, **options) != first
     ids, mask = generation.left_pad(prompts, pad, model.device)
-    out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=16, eos_token_id=eos, pad_token_id=pad,
-                         do_sample=False, repetition_penalty=1.0)
-    greedy = [generation.cut_at_stop(row, frozenset({eos})) for row in out[:, ids.shape[1]:].tolist()]
+    out = model.generate(
+        input_ids=ids,
+        attention_mask=mask,
+        max_new_tokens=16,
+        eos_token_id=eos,
+        pad_token_id=pad,
+        do_sample=False,
+        repetition_penalty=1.0,
+    )
+    greedy = [generation.cut_at_stop(row, frozenset({eos})) for row in out[:, ids.shape[1] :].tolist()]
     assert generation.generate_batch(model, prompts, temperature=0.0, seed=0, **options) == greedy
 
 
-def test_generation_config_repetition_penalty_is_not_applied_unless_set(tiny_model, tiny_tokenizer, tmp_path, questions):
+def test_generation_config_repetition_penalty_is_not_applied_unless_set(
+    tiny_model, tiny_tokenizer, tmp_path, questions
+):
     import shutil
 
     from axolotl_upft.prompts import chat_messages, render_prompt_ids
@@ -191,9 +228,18 @@ def test_generation_config_repetition_penalty_is_not_applied_unless_set(tiny_mod
     config = json.loads((penalised / "generation_config.json").read_text())
     (penalised / "generation_config.json").write_text(json.dumps(config | {"repetition_penalty": 5.0}))
     prompts = [render_prompt_ids(tiny_tokenizer, chat_messages(q["question"], None)) for q in questions[:4]]
-    options = {"max_new_tokens": 12, "stop_ids": frozenset({tiny_tokenizer.eos_token_id}),
-               "pad_id": tiny_tokenizer.pad_token_id, "temperature": 0.0, "top_p": None, "top_k": None, "seed": 0}
-    plain = generation.generate_batch(generation.load_model(str(tiny_model), torch.device("cpu")), prompts, **options)
+    options = {
+        "max_new_tokens": 12,
+        "stop_ids": frozenset({tiny_tokenizer.eos_token_id}),
+        "pad_id": tiny_tokenizer.pad_token_id,
+        "temperature": 0.0,
+        "top_p": None,
+        "top_k": None,
+        "seed": 0,
+    }
+    plain = generation.generate_batch(
+        generation.load_model(str(tiny_model), torch.device("cpu")), prompts, **options
+    )
     model = generation.load_model(str(penalised), torch.device("cpu"))
     assert generation.generate_batch(model, prompts, **options) == plain
     assert generation.generate_batch(model, prompts, repetition_penalty=5.0, **options) != plain
@@ -224,15 +270,24 @@ def test_generation_config_keys_outside_upft_sampling_do_not_shape_the_hf_draw(
 
     prompts = [render_prompt_ids(tiny_tokenizer, chat_messages(q["question"], None)) for q in questions[:4]]
     eos = tiny_tokenizer.eos_token_id
-    options = {"max_new_tokens": 12, "stop_ids": frozenset({eos}), "pad_id": tiny_tokenizer.pad_token_id,
-               "top_p": None, "top_k": None}
+    options = {
+        "max_new_tokens": 12,
+        "stop_ids": frozenset({eos}),
+        "pad_id": tiny_tokenizer.pad_token_id,
+        "top_p": None,
+        "top_k": None,
+    }
     plain_model = generation.load_model(str(tiny_model), torch.device("cpu"))
     greedy = generation.generate_batch(plain_model, prompts, temperature=0.0, seed=0, **options)
     sampled = generation.generate_batch(plain_model, prompts, temperature=0.7, seed=3, **options)
     drawn = sorted({t for ids, _ in greedy + sampled for t in ids} - {eos})
     assert any(len(set(ids)) < len(ids) for ids, _ in greedy), "greedy repeats a token: n-gram blocking shows"
-    value = {"no_repeat_ngram_size": 1, "suppress_tokens": drawn, "bad_words_ids": [[t] for t in drawn],
-             "sequence_bias": [[[t], -100.0] for t in drawn]}[key]
+    value = {
+        "no_repeat_ngram_size": 1,
+        "suppress_tokens": drawn,
+        "bad_words_ids": [[t] for t in drawn],
+        "sequence_bias": [[[t], -100.0] for t in drawn],
+    }[key]
     shaped = tmp_path / "shaped"
     shutil.copytree(tiny_model, shaped)
     config = json.loads((shaped / "generation_config.json").read_text())
@@ -242,7 +297,15 @@ def test_generation_config_keys_outside_upft_sampling_do_not_shape_the_hf_draw(
     assert generation.generate_batch(model, prompts, temperature=0.7, seed=3, **options) == sampled
     # the same key, as transformers applies it from the file, changes the greedy draw
     ids, mask = generation.left_pad(prompts, options["pad_id"], model.device)
-    out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=12, eos_token_id=eos,
-                         pad_token_id=options["pad_id"], do_sample=False,
-                         generation_config=GenerationConfig.from_pretrained(shaped))
-    assert [generation.cut_at_stop(row, frozenset({eos})) for row in out[:, ids.shape[1]:].tolist()] != greedy
+    out = model.generate(
+        input_ids=ids,
+        attention_mask=mask,
+        max_new_tokens=12,
+        eos_token_id=eos,
+        pad_token_id=options["pad_id"],
+        do_sample=False,
+        generation_config=GenerationConfig.from_pretrained(shaped),
+    )
+    assert [
+        generation.cut_at_stop(row, frozenset({eos})) for row in out[:, ids.shape[1] :].tolist()
+    ] != greedy

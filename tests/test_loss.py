@@ -53,7 +53,7 @@ def rows() -> list[tuple[torch.Tensor, torch.Tensor]]:
 
 @pytest.fixture(scope="module")
 def reference(rows):
-    """Micro-batch 1, one forward per row: sample = mean of row means, token = mean over all trained tokens."""
+    """Micro-batch 1, one forward per row: sample = mean of row means, token = mean over trained tokens."""
     out = {}
     for mode in ("sample", "token"):
         model = tiny_model()
@@ -64,7 +64,11 @@ def reference(rows):
         else:
             loss = sum(row_loss * n for row_loss, n in zip(row_losses, tokens)) / sum(tokens)
         loss.backward()
-        out[mode] = {"loss": loss.detach(), "grads": grads(model), "row_losses": [x.item() for x in row_losses]}
+        out[mode] = {
+            "loss": loss.detach(),
+            "grads": grads(model),
+            "row_losses": [x.item() for x in row_losses],
+        }
     return out
 
 
@@ -182,12 +186,18 @@ def test_the_trainer_axolotl_builds_with_the_plugin_gives_each_modes_loss_and_gr
     from axolotl.utils.dict import DictDefault
 
     PluginManager.get_instance().register("axolotl_upft.UPFTPlugin")
-    cfg = DictDefault({"base_model": "tiny", "model_config_type": "llama",
-                       "upft": {"prefix_length": PREFIX_LENGTH, "loss_normalization": mode}})
+    cfg = DictDefault(
+        {
+            "base_model": "tiny",
+            "model_config_type": "llama",
+            "upft": {"prefix_length": PREFIX_LENGTH, "loss_normalization": mode},
+        }
+    )
     cls = HFCausalTrainerBuilder(cfg, tiny_model(), None)._get_trainer_cls()  # Axolotl's own choice
     assert issubclass(cls, AxolotlTrainer)
-    args = AxolotlTrainingArguments(output_dir=str(tmp_path), use_cpu=True, report_to=[],
-                                    gradient_accumulation_steps=len(MICRO_BATCHES))
+    args = AxolotlTrainingArguments(
+        output_dir=str(tmp_path), use_cpu=True, report_to=[], gradient_accumulation_steps=len(MICRO_BATCHES)
+    )
     trainer = cls(model=tiny_model(), args=args)
     loss, _ = accumulate(trainer, micro_batches(rows, packed))
     torch.testing.assert_close(loss, reference[mode]["loss"], atol=1e-5, rtol=1e-5)
@@ -223,6 +233,9 @@ def test_the_plugin_composes_the_mixin_for_sample_and_leaves_token_to_axolotl():
 
     plugin = UPFTPlugin()
     cls = plugin.get_trainer_cls(DictDefault({"upft": {"prefix_length": PREFIX_LENGTH}}))
-    assert cls.__name__ == "UPFTAxolotlTrainer" and cls.__mro__[1:3] == (SampleNormalizedMixin, AxolotlTrainer)
+    assert cls.__name__ == "UPFTAxolotlTrainer" and cls.__mro__[1:3] == (
+        SampleNormalizedMixin,
+        AxolotlTrainer,
+    )
     assert cls.upft_prefix_length == PREFIX_LENGTH
     assert plugin.get_trainer_cls(DictDefault({"upft": {"loss_normalization": "token"}})) is None

@@ -16,7 +16,11 @@ ROWS = [
 ]
 # Scripted samples per question, in sample order: row 0 is first right at sample 1, row 1 never, row 2 at 0.
 SCRIPT = {
-    "clips": ["She sold 7 . The answer is 7 .", "She had 18 . The answer is 18 .", "He had 18 . The answer is 18 ."],
+    "clips": [
+        "She sold 7 . The answer is 7 .",
+        "She had 18 . The answer is 18 .",
+        "He had 18 . The answer is 18 .",
+    ],
     "eggs": ["The answer is 7 .", "The answer is 8 .", "The answer is 10 ."],
     "cups": ["He had 4 . The answer is 4 .", "The answer is 5 .", "The answer is 4 ."],
 }
@@ -60,7 +64,9 @@ def test_rft_keeps_the_first_correct_full_sample_and_drops_unsolved_questions(
     assert rows[0].input_ids[: len(bare)] == bare
 
 
-def test_label_filter_trains_on_the_prefix_of_a_correct_sample(scripted, tiny_tokenizer, tiny_model, tmp_path):
+def test_label_filter_trains_on_the_prefix_of_a_correct_sample(
+    scripted, tiny_tokenizer, tiny_model, tmp_path
+):
     rows = run(tiny_tokenizer, tiny_model, tmp_path, label_filter=True, structure_ratio=0.0, prefix_length=3)
     eos = tiny_tokenizer.eos_token_id
     assert [r.kind for r in rows] == [PREFIX, PREFIX]

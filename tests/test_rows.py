@@ -18,11 +18,16 @@ def ids(tokenizer, words: str) -> list[int]:
 
 def test_prompt_is_the_chat_template_with_generation_prompt_tokenized_once(tiny_tokenizer):
     prompt = render_prompt_ids(tiny_tokenizer, chat_messages("How many clips ?", None))
-    assert prompt == ids(tiny_tokenizer, "<|im_start|> user How many clips ? <|im_end|> <|im_start|> assistant")
+    assert prompt == ids(
+        tiny_tokenizer, "<|im_start|> user How many clips ? <|im_end|> <|im_start|> assistant"
+    )
 
 
 def test_prefix_prompt_appends_the_reference_instruction_to_the_user_turn(tiny_tokenizer):
-    prompt = render_prompt_ids(tiny_tokenizer, chat_messages("How many clips ?", "You are a careful math tutor .", REFERENCE_INSTRUCTION))
+    prompt = render_prompt_ids(
+        tiny_tokenizer,
+        chat_messages("How many clips ?", "You are a careful math tutor .", REFERENCE_INSTRUCTION),
+    )
     expected = (
         "<|im_start|> system You are a careful math tutor . <|im_end|> <|im_start|> user How many clips ? "
         + " ".join(w for w in REFERENCE_INSTRUCTION.replace(".", " .").split())
@@ -33,10 +38,9 @@ def test_prefix_prompt_appends_the_reference_instruction_to_the_user_turn(tiny_t
 
 def whitespace_tokenizer():
     """Word-level, but every space and newline is a token of its own, so the joining shows in the ids."""
+    from tiny import CHATML, SPECIALS
     from tokenizers import Regex, Tokenizer, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
-
-    from tiny import CHATML, SPECIALS
 
     vocab = {tok: i for i, tok in enumerate(SPECIALS + [" ", "\n", "user", "assistant"])}
     for word in tiny_words("How many clips ? " + REFERENCE_INSTRUCTION):
@@ -44,7 +48,10 @@ def whitespace_tokenizer():
     core = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
     core.pre_tokenizer = pre_tokenizers.Split(Regex(r"\w+|[^\w]"), behavior="isolated")
     tokenizer = PreTrainedTokenizerFast(
-        tokenizer_object=core, pad_token="<pad>", unk_token="<unk>", eos_token="<|im_end|>",
+        tokenizer_object=core,
+        pad_token="<pad>",
+        unk_token="<unk>",
+        eos_token="<|im_end|>",
         additional_special_tokens=["<|im_start|>"],
     )
     tokenizer.chat_template = CHATML
@@ -57,8 +64,17 @@ def test_instructed_prompt_joins_question_and_instruction_with_one_space_as_the_
     prompt = render_prompt_ids(tokenizer, chat_messages("How many clips ?", None, REFERENCE_INSTRUCTION))
     # reference train_sft.py: user content = data['question'] + " Please provide the initial step ..."
     reference_user = "How many clips ?" + " " + REFERENCE_INSTRUCTION
-    pieces = ["<|im_start|>", "user", "\n", *tiny_words_and_spaces(reference_user), "<|im_end|>", "\n",
-              "<|im_start|>", "assistant", "\n"]
+    pieces = [
+        "<|im_start|>",
+        "user",
+        "\n",
+        *tiny_words_and_spaces(reference_user),
+        "<|im_end|>",
+        "\n",
+        "<|im_start|>",
+        "assistant",
+        "\n",
+    ]
     assert prompt == [vocab[p] for p in pieces]
     question_end = pieces.index("?")
     assert prompt[question_end + 1 : question_end + 3] == [vocab[" "], vocab["Please"]]
