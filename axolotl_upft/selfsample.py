@@ -1,4 +1,4 @@
-"""From data rows to cached samples: validate every question, plan batches, sample what is missing."""
+"""From data rows to cached samples: the questions, their sampling settings and cache, the run summary."""
 
 import json
 import logging
