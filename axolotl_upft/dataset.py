@@ -56,9 +56,9 @@ def training_prompts(groups: dict[int, list[Question]], tokenizer, upft: UPFTCon
 
 
 def is_correct(tokenizer, ids: list[int], gold: str) -> bool:
-    from .grading import extract_answer, is_equivalent
+    from .grading import extract_answer_flexible, is_equivalent
 
-    return is_equivalent(extract_answer(tokenizer.decode(ids, skip_special_tokens=True)), gold)
+    return is_equivalent(extract_answer_flexible(tokenizer.decode(ids, skip_special_tokens=True)), gold)
 
 
 def choose_sample(tasks: list[Question], records: dict[int, Record], tokenizer) -> Record | None:

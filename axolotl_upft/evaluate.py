@@ -3,8 +3,10 @@
 Layout of ``output_dir``:
   parts/<benchmark>/<key>/part-*.jsonl   generated token ids per finished batch (the sample cache's format);
                                          the key covers model, adapter, tokenizer, data file and settings
-  <benchmark>.jsonl                      one graded row per question (rank 0, after every rank finished)
-  <benchmark>.summary.json               accuracy and token counts of the run
+  <arm>/<benchmark>.jsonl                one graded row per question (rank 0, after every rank finished);
+                                         <arm> names the model and adapter (`arm_name`), so arms never overwrite
+  <arm>/<benchmark>.summary.json         strict and flexible accuracy and token counts of the run
+  benchmarks/<name>.jsonl                the rows of a built-in reasoning-gym benchmark (`benchmarks.py`)
   results.md                             one table row per (model, adapter, benchmark), refreshed in place
 A rerun reuses every cached batch, so a killed run resumes and a finished one only re-grades.
 """
@@ -18,15 +20,24 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
+from . import benchmarks
 from .cache import Record, SampleCache, atomic_write_text, digest, ids_digest
-from .grading import BENCHMARKS, benchmark_path, extract_answer, gold_answer, is_equivalent, question_of
+from .grading import (
+    BENCHMARKS,
+    benchmark_path,
+    extract_answer,
+    extract_answer_flexible,
+    gold_answer,
+    is_equivalent,
+    question_of,
+)
 from .prompts import chat_messages, check_tokenizer, pad_token_id, render_prompt_ids
 from .sampler import generate_batch, load_model, sampling_device
 from .samples import Distributed, model_fingerprint, read_generation_config, stop_ids
 
 LOG = logging.getLogger(__name__)
 KIND = "greedy"
-RESULTS_HEADER = ["model", "adapter", "benchmark", "n", "accuracy"]
+RESULTS_HEADER = ["model", "adapter", "benchmark", "n", "accuracy", "flexible"]
 _CELL_SPLIT = re.compile(r"(?<!\\)\|")
 
 
@@ -48,12 +59,17 @@ def evaluate(
     _check_args(limit=limit, max_new_tokens=max_new_tokens, batch_size=batch_size)
     dist = distributed or Distributed()
     started = time.perf_counter()
-    path = benchmark_path(benchmark, data_dir)
-    name = benchmark.lower() if benchmark.lower() in BENCHMARKS else path.stem
     out = Path(output_dir)
-    if (out / f"{name}.jsonl").resolve() == path.resolve():
+    builtin = benchmarks.parse_name(benchmark) is not None
+    if builtin:
+        path = benchmarks.write_benchmark(benchmark, out / "benchmarks")
+    else:
+        path = benchmark_path(benchmark, data_dir)
+    name = benchmark.lower() if builtin or benchmark.lower() in BENCHMARKS else path.stem
+    arm = out / arm_name(model_path, adapter)
+    if (arm / f"{name}.jsonl").resolve() == path.resolve():
         raise ValueError(
-            f"output_dir: {out / (name + '.jsonl')} is the benchmark file itself and would be overwritten; "
+            f"output_dir: {arm / (name + '.jsonl')} is the benchmark file itself and would be overwritten; "
             "choose another output_dir"
         )
     rows = read_rows(path, limit)
@@ -126,7 +142,8 @@ def evaluate(
         lacking = [i for i in range(len(rows)) if i not in records]
         if lacking:
             raise RuntimeError(f"UPFT eval: questions {lacking[:10]} have no generation in {cache.dir}")
-        graded = grade(tokenizer, texts, golds, [records[i] for i in range(len(rows))])
+        checker = (lambda answer, i: benchmarks.is_correct(name, answer, rows[i])) if builtin else None
+        graded = grade(tokenizer, texts, golds, [records[i] for i in range(len(rows))], checker)
         summary = summarize(graded, model=model_path, adapter=adapter, benchmark=name, path=path)
         summary.update(
             max_new_tokens=max_new_tokens,
@@ -134,12 +151,19 @@ def evaluate(
             tokens_generated_this_run=new_tokens,
             wall_seconds=round(time.perf_counter() - started, 3),
         )
-        write_outputs(out, name, graded, summary)
+        write_outputs(out, arm, name, graded, summary)
         LOG.info(
             "UPFT eval: %s %s accuracy %.2f%% (n=%d)", model_path, name, summary["accuracy"], summary["n"]
         )
     dist.barrier()
-    return json.loads((out / f"{name}.summary.json").read_text())
+    return json.loads((arm / f"{name}.summary.json").read_text())
+
+
+def arm_name(model_path: str, adapter: str | None) -> str:
+    """Folder name of one (model, adapter) pair's results: readable, and distinct for distinct paths."""
+    parts = [Path(model_path).name] + ([Path(adapter).parent.name, Path(adapter).name] if adapter else [])
+    slug = re.sub(r"[^A-Za-z0-9._-]+", "_", "+".join(p for p in parts if p))
+    return f"{slug}-{digest([str(model_path), str(adapter) if adapter else None])[:8]}"
 
 
 def _check_args(**values) -> None:
@@ -208,12 +232,15 @@ def _check_cached(done: dict[int, Record], prompts: list[list[int]], cache: Samp
             )
 
 
-def grade(tokenizer, questions: list[str], golds: list[str], records: list[Record]) -> list[dict]:
-    """One result row per question, in benchmark order."""
+def grade(tokenizer, questions: list[str], golds: list[str], records: list[Record], checker=None) -> list[dict]:
+    """One result row per question, in benchmark order: the strict answer and the flexible one
+    (last number as fallback), each checked by ``checker(answer, index)`` or else by ``is_equivalent``."""
+    check = checker or (lambda answer, index: is_equivalent(answer, golds[index]))
     rows = []
     for index, (question, gold, record) in enumerate(zip(questions, golds, records)):
         text = tokenizer.decode(record.ids, skip_special_tokens=True)
         answer = extract_answer(text)
+        flexible = extract_answer_flexible(text)
         rows.append(
             {
                 "index": index,
@@ -221,7 +248,9 @@ def grade(tokenizer, questions: list[str], golds: list[str], records: list[Recor
                 "gold": gold,
                 "prediction": text,
                 "answer": answer,
-                "correct": is_equivalent(answer, gold),
+                "correct": check(answer, index),
+                "answer_flexible": flexible,
+                "correct_flexible": check(flexible, index),
                 "tokens": len(record.ids),
                 "stopped": record.stopped,
             }
@@ -242,12 +271,15 @@ def summarize(rows: list[dict], *, model: str, adapter: str | None, benchmark: s
         "mean_tokens": round(sum(row["tokens"] for row in rows) / len(rows), 1),
         "truncated": sum(not row["stopped"] for row in rows),
         "no_answer": sum(row["answer"] is None for row in rows),
+        "correct_flexible": sum(row["correct_flexible"] for row in rows),
+        "accuracy_flexible": round(100 * sum(row["correct_flexible"] for row in rows) / len(rows), 2),
+        "no_answer_flexible": sum(row["answer_flexible"] is None for row in rows),
     }
 
 
-def write_outputs(out: Path, name: str, rows: list[dict], summary: dict) -> None:
-    atomic_write_text(out / f"{name}.jsonl", "".join(json.dumps(row) + "\n" for row in rows))
-    atomic_write_text(out / f"{name}.summary.json", json.dumps(summary, indent=2))
+def write_outputs(out: Path, arm: Path, name: str, rows: list[dict], summary: dict) -> None:
+    atomic_write_text(arm / f"{name}.jsonl", "".join(json.dumps(row) + "\n" for row in rows))
+    atomic_write_text(arm / f"{name}.summary.json", json.dumps(summary, indent=2))
     update_results(out / "results.md", summary)
 
 
@@ -263,6 +295,7 @@ def update_results(path: Path, summary: dict) -> None:
         _cell(summary["benchmark"]),
         str(summary["n"]),
         f"{summary['accuracy']:.2f}",
+        f"{summary['accuracy_flexible']:.2f}",
     ]
     table = read_results(path)
     for i, old in enumerate(table):

@@ -72,6 +72,20 @@ def extract_answer(text: str) -> str | None:
     return _answer_is(text)
 
 
+_NUMBER = re.compile(r"-?\d{1,3}(?:,\d{3})+(?:\.\d+)?|-?\d+(?:\.\d+)?")
+
+
+def extract_last_number(text: str) -> str | None:
+    """The last number of ``text``, thousands commas dropped, as lm-eval-harness's ``flexible-extract``."""
+    numbers = _NUMBER.findall(text or "")
+    return numbers[-1].replace(",", "") if numbers else None
+
+
+def extract_answer_flexible(text: str) -> str | None:
+    """The strict answer (``extract_answer``) when there is one, else the last number of the text."""
+    return extract_answer(text) or extract_last_number(text)
+
+
 def gold_answer(row: dict, benchmark: str | None = None, field: str = "answer") -> str:
     """Gold answer of a row: the text after ``####`` (GSM8K style), else the ``field`` value as text."""
     if row.get(field) in (None, ""):
