@@ -9,7 +9,7 @@ dataset's own ``score_answer``; a score of 1.0 counts as correct.
 
 import json
 from dataclasses import dataclass, field
-from functools import lru_cache
+from functools import cache
 from pathlib import Path
 
 from .cache import atomic_write_text
@@ -59,7 +59,7 @@ def names() -> list[str]:
     return [f"{task}-{split}" for task in TASKS for split in SPLITS]
 
 
-@lru_cache(maxsize=None)
+@cache
 def _dataset(task: str):
     try:
         import reasoning_gym
@@ -69,7 +69,7 @@ def _dataset(task: str):
     return reasoning_gym.create_dataset(spec.dataset, seed=SEED, size=MAX_ITEMS, **spec.config)
 
 
-@lru_cache(maxsize=None)
+@cache
 def splits(task: str) -> dict[str, list[dict]]:
     """Every split of ``task``: rows ``{question, answer, rg_index}``, distinct questions across all splits."""
     data, seen, rows = _dataset(task), set(), []
