@@ -6,8 +6,8 @@ import pytest
 
 pytest.importorskip("reasoning_gym")
 
-from axolotl_upft import benchmarks  # noqa: E402
-from axolotl_upft.benchmarks import SPLITS, TASKS, is_correct, parse_name, splits, write_benchmark  # noqa: E402
+from axolotl_upft import benchmarks
+from axolotl_upft.benchmarks import SPLITS, TASKS, is_correct, parse_name, splits, write_benchmark
 
 
 def test_split_sizes_are_the_ones_the_comparison_promises():
