@@ -32,6 +32,8 @@ $(STAMP): setup.cfg pyproject.toml
 setup: $(STAMP)
 
 test: setup
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
 	$(PY) -m pytest -q -rs
 
 $(DEMO_MODEL)/config.json: $(STAMP)

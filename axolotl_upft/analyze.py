@@ -8,25 +8,39 @@ The suggested k is the longest L before coverage first drops below a threshold (
 is still shared by most samples), clamped to the paper's 8..128.
 """
 
+import io
 import json
 import logging
-import os
-import tempfile
 import time
 from collections import Counter, defaultdict
 from pathlib import Path
 from statistics import mean
 
-from tqdm.auto import tqdm
-
-from .cache import TMP_PREFIX, atomic_write_text, digest
-from .grading import extract_answer, gold_answer, is_equivalent, question_of
-from .prompts import chat_messages, check_tokenizer, pad_token_id, render_prompt_ids
-from .sampler import generate_batch, load_model, sampling_device
-from .samples import read_generation_config, stop_ids
+from .args import SamplingConfig
+from .cache import SampleCache, atomic_write_bytes, atomic_write_text, digest, ids_digest
+from .distributed import Distributed
+from .generation import HFSampler
+from .grading import gold_answer, is_correct
+from .loop import Prompt, generate_all
+from .prompts import (
+    QUESTION_FIELDS,
+    chat_messages,
+    check_tokenizer,
+    pad_token_id,
+    question_text,
+    render_prompt_ids,
+)
+from .selfsample import (
+    model_fingerprint,
+    read_generation_config,
+    sampling_options,
+    sampling_settings,
+    stop_ids,
+)
 
 LOG = logging.getLogger(__name__)
 K_BOUNDS = (8, 128)
+KIND = "sample"
 
 
 def prefix_coverage(trajectories: list[list[int]], length: int) -> tuple[float, int]:
@@ -118,7 +132,9 @@ def suggest_k(
 
 def _check_args(samples, lengths, max_new_tokens, temperature, threshold, batch_size, questions) -> list[int]:
     if not questions:
-        raise ValueError("questions is empty; pass rows with a question field (question/problem/prompt)")
+        raise ValueError(
+            f"questions is empty; pass rows with a question ({', '.join(QUESTION_FIELDS)} or messages)"
+        )
     if samples < 2:
         raise ValueError(
             f"samples must be >= 2 to compare prefixes, got {samples}; the paper's figure uses 32"
@@ -164,41 +180,24 @@ def analyze(
     """
     lengths = _check_args(samples, lengths, max_new_tokens, temperature, threshold, batch_size, questions)
     started = time.perf_counter()
-    texts = [question_of(row) for row in questions]
-    with_gold = all(row.get(answer_field) not in (None, "") for row in questions)
-    if not with_gold:
-        LOG.info("UPFT analyze: not every row has %r, so prefix accuracy is skipped", answer_field)
-    golds = [gold_answer(row, field=answer_field) for row in questions] if with_gold else None
-
+    texts = [question_text(row, i) for i, row in enumerate(questions)]
+    golds = gold_answers(questions, answer_field)
     if tokenizer is None:
         from transformers import AutoTokenizer
 
         tokenizer = AutoTokenizer.from_pretrained(model_path)
     check_tokenizer(tokenizer)
-    generation_config = read_generation_config(model_path)
-    settings = {
-        "temperature": temperature,
-        "top_p": top_p if top_p is not None else generation_config.get("top_p", 1.0),
-        "top_k": top_k if top_k is not None else generation_config.get("top_k", 0),
-        "max_new_tokens": max_new_tokens,
-        "seed": seed,
-        "batch_size": batch_size,
-    }
-    trajectories = sample(
-        model_path, tokenizer, texts, samples, settings, stop_ids(tokenizer, generation_config), system_prompt
+    sampling = SamplingConfig(
+        temperature=temperature, top_p=top_p, top_k=top_k, max_new_tokens=max_new_tokens
     )
+    settings = sampling_settings(sampling, read_generation_config(model_path))
+    settings |= {"seed": seed, "batch_size": batch_size}
+    trajectories = sample(model_path, tokenizer, texts, samples, settings, system_prompt, Path(output_dir))
     correct = None
-    if with_gold:
+    if golds is not None:
         correct = [
-            [
-                is_equivalent(extract_answer(tokenizer.decode(ids, skip_special_tokens=True)), gold)
-                for ids in runs
-            ]
-            for runs, gold in zip(trajectories, golds)
+            [is_correct(tokenizer, ids, gold) for ids in runs] for runs, gold in zip(trajectories, golds)
         ]
-
-    table = length_table(trajectories, correct, lengths)
-    k, reason = suggest_k({row["length"]: row["coverage"] for row in table}, threshold)
     result = {
         "model": model_path,
         "questions": len(questions),
@@ -206,6 +205,29 @@ def analyze(
         "sampling": settings,
         "system_prompt": system_prompt,
         "threshold": threshold,
+        **tabulate(trajectories, correct, lengths, threshold),
+        "wall_seconds": round(time.perf_counter() - started, 3),
+    }
+    out = Path(output_dir)
+    atomic_write_text(out / "analysis.json", json.dumps(result, indent=2))
+    plot(result, out / "analysis.png")
+    LOG.info("UPFT analyze: suggested prefix_length %d (%s)", result["suggested_k"], result["reason"])
+    return result
+
+
+def gold_answers(questions: list[dict], answer_field: str) -> list[str] | None:
+    """Every row's gold answer, or None (no prefix accuracy) unless every row has one."""
+    if all(row.get(answer_field) not in (None, "") for row in questions):
+        return [gold_answer(row, field=answer_field) for row in questions]
+    LOG.info("UPFT analyze: not every row has %r, so prefix accuracy is skipped", answer_field)
+    return None
+
+
+def tabulate(trajectories, correct: list[list[bool]] | None, lengths: list[int], threshold: float) -> dict:
+    """The length table, the suggested k and per-question coverage of sampled trajectories."""
+    table = length_table(trajectories, correct, lengths)
+    k, reason = suggest_k({row["length"]: row["coverage"] for row in table}, threshold)
+    return {
         "table": table,
         "suggested_k": k,
         "reason": reason,
@@ -220,40 +242,41 @@ def analyze(
             }
             for i, runs in enumerate(trajectories)
         ],
-        "wall_seconds": round(time.perf_counter() - started, 3),
     }
-    out = Path(output_dir)
-    atomic_write_text(out / "analysis.json", json.dumps(result, indent=2))
-    plot(result, out / "analysis.png")
-    LOG.info("UPFT analyze: suggested prefix_length %d (%s)", k, reason)
-    return result
 
 
-def sample(model_path, tokenizer, texts, samples, settings, stops, system_prompt) -> list[list[list[int]]]:
-    """``samples`` trajectories (generated ids) per question, batched over (question, draw) pairs."""
+def sample(
+    model_path, tokenizer, texts, samples, settings, system_prompt, out: Path
+) -> list[list[list[int]]]:
+    """``samples`` trajectories (generated ids) per question; request q * samples + j is draw j of question q.
+    The draws are kept under ``out``/parts, so a killed analysis resumes."""
     prompts = [render_prompt_ids(tokenizer, chat_messages(text, system_prompt)) for text in texts]
-    pairs = [
-        (q, j) for q in sorted(range(len(texts)), key=lambda q: (len(prompts[q]), q)) for j in range(samples)
+    requests = [
+        Prompt(q * samples + j, prompt, KIND) for q, prompt in enumerate(prompts) for j in range(samples)
     ]
-    batches = [pairs[i : i + settings["batch_size"]] for i in range(0, len(pairs), settings["batch_size"])]
-    pad_id = pad_token_id(tokenizer)
-    model = load_model(model_path, sampling_device())
-    trajectories: list[list[list[int]]] = [[] for _ in texts]
-    for batch in tqdm(batches, desc="UPFT prefix analysis", unit="batch"):
-        outputs = generate_batch(
-            model,
-            [prompts[q] for q, _ in batch],
-            max_new_tokens=settings["max_new_tokens"],
-            stop_ids=stops,
-            pad_id=pad_id,
-            temperature=settings["temperature"],
-            top_p=settings["top_p"],
-            top_k=settings["top_k"],
-            seed=int(digest([settings["seed"], batch])[:8], 16),
-        )
-        for (q, _), (ids, _stopped) in zip(batch, outputs):
-            trajectories[q].append(ids)
-    return trajectories
+    stops = stop_ids(tokenizer, read_generation_config(model_path))
+    meta = {
+        "task": "analyze",
+        "model": model_fingerprint(model_path),
+        "tokenizer": [tokenizer.name_or_path, len(tokenizer), tokenizer.eos_token_id],
+        "sampling": settings,
+        "stop_ids": sorted(stops),
+        "requests": digest([ids_digest(r.prompt_ids) for r in requests]),
+    }
+    cache = SampleCache(out / "parts", digest(meta), meta)
+    cache.open()
+    generated = generate_all(
+        requests,
+        cache,
+        lambda: HFSampler.load(model_path),
+        sizes={KIND: settings["batch_size"]},
+        limits={KIND: settings["max_new_tokens"]},
+        options=sampling_options(settings, stops, pad_token_id(tokenizer)),
+        seed=settings["seed"],
+        dist=Distributed(),
+        desc="UPFT prefix analysis",
+    )
+    return [[generated.records[q * samples + j].ids for j in range(samples)] for q in range(len(texts))]
 
 
 def _length_axis(ax, lengths: list[int]) -> None:
@@ -306,12 +329,6 @@ def plot(result: dict, path: Path) -> None:
             title=f"(b) prefix accuracy, {result['mixed_questions']} mixed questions",
         )
         ax.legend(loc="best", fontsize=8)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=TMP_PREFIX, suffix=".png", dir=path.parent)
-    os.close(fd)
-    try:
-        fig.savefig(tmp, format="png", dpi=120)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    png = io.BytesIO()
+    fig.savefig(png, format="png", dpi=120)
+    atomic_write_bytes(path, png.getvalue())

@@ -1,9 +1,15 @@
 """The `upft:` config block: one pydantic model, every field documented once."""
 
+from pathlib import Path
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+ARGS_PATH = (
+    f"{__name__}.UPFTArgs"  # what the plugin hands Axolotl; also how a registered plugin is recognised
+)
+DEFAULT_PREPARED_PATH = "last_run_prepared"  # Axolotl's default dataset_prepared_path
+AXOLOTL_SEQUENCE_LEN = 512  # Axolotl's default sequence_len (its config always carries one)
 REFERENCE_INSTRUCTION = (
     "Please provide the initial step towards resolving the question. "
     "This step may serve as a foundation but might not encompass the entire solution."
@@ -23,7 +29,8 @@ class SamplingConfig(BaseModel):
     repetition_penalty: float = Field(
         1.0,
         gt=0.0,
-        description="1.0 is off. generation_config.json's value is not applied, as in the reference's vLLM sampler.",
+        description="1.0 is off. generation_config.json's value is not applied, as in the reference's "
+        "vLLM sampler.",
     )
     max_new_tokens: int = Field(
         1024, ge=1, description="Length limit of full (structure) traces; prefixes stop at prefix_length."
@@ -76,11 +83,14 @@ class UPFTConfig(BaseModel):
     sampling: SamplingConfig = Field(default_factory=SamplingConfig)
     mode: Literal["upft", "sft", "rft"] = Field(
         "upft",
-        description="upft: prefixes + a structure share; sft: one full self-trace per question (paper's SFT); "
+        description="upft: prefixes + a structure share; sft: one full self-trace per question "
+        "(paper's SFT); "
         "rft: num_samples full traces per question, keep one with the gold answer (paper's RFT).",
     )
     label_filter: bool = Field(
-        False, description="With mode upft: sample num_samples full traces, keep a correct one, train on its prefix."
+        False,
+        description="With mode upft: sample num_samples full traces, keep a correct one, "
+        "train on its prefix.",
     )
     num_samples: int = Field(16, ge=1, description="Samples per question for rft and label_filter.")
     answer_field: str = Field(
@@ -88,16 +98,29 @@ class UPFTConfig(BaseModel):
     )
     eval_after_train: list[str] = Field(
         default_factory=list,
-        description="Benchmarks (gsm8k, math500, aime24, amc23 or .jsonl paths) evaluated after `axolotl train`.",
+        description="Benchmarks (gsm8k, math500, aime24, amc23 or .jsonl paths) evaluated after "
+        "`axolotl train`.",
     )
     loss_normalization: Literal["sample", "token"] = Field(
         "sample",
-        description="sample: every row weighs the same (mean of row means, as the reference's micro-batch 1); "
+        description="sample: every row weighs the same (mean of row means, as the reference's "
+        "micro-batch 1); "
         "token: Axolotl's mean over all trained tokens.",
     )
     cache_dir: str | None = Field(
         None, description="Where samples are kept; null puts them in <dataset_prepared_path>/upft_samples."
     )
+
+    @classmethod
+    def from_cfg(cls, cfg) -> "UPFTConfig":
+        """The `upft:` block of an Axolotl cfg (or a raw YAML dict), validated; defaults when absent."""
+        return cls.model_validate(dict(cfg.get("upft") or {}))
+
+    def sample_cache_root(self, cfg) -> Path:
+        """Where samples go: upft.cache_dir, else <dataset_prepared_path>/upft_samples."""
+        if self.cache_dir:
+            return Path(self.cache_dir)
+        return Path(cfg.get("dataset_prepared_path") or DEFAULT_PREPARED_PATH) / "upft_samples"
 
     @property
     def needs_gold(self) -> bool:
@@ -106,7 +129,9 @@ class UPFTConfig(BaseModel):
     @model_validator(mode="after")
     def _one_question_source(self):
         if self.label_filter and self.mode != "upft":
-            raise ValueError(f"upft.label_filter applies to mode: upft, not mode: {self.mode} (rft already filters)")
+            raise ValueError(
+                f"upft.label_filter applies to mode: upft, not mode: {self.mode} (rft already filters)"
+            )
         if self.question_field is not None and self.question_template is not None:
             raise ValueError(
                 "upft: set question_field or question_template, not both "

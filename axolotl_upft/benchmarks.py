@@ -71,7 +71,7 @@ def _dataset(task: str):
 
 @cache
 def splits(task: str) -> dict[str, list[dict]]:
-    """Every split of ``task``: rows ``{question, answer, rg_index}``, distinct questions across all splits."""
+    """Every split of ``task``: rows ``{question, answer, rg_index}``, no question in two places."""
     data, seen, rows = _dataset(task), set(), []
     wanted = sum(SPLITS.values())
     for index in range(MAX_ITEMS):

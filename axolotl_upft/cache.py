@@ -16,6 +16,7 @@ from pathlib import Path
 
 FORMAT = "axolotl-upft-samples/1"
 TMP_PREFIX = ".tmp-"
+WEIGHT_SUFFIXES = (".safetensors", ".bin")  # weights as transformers and PEFT save them, sharded or not
 
 
 def digest(value) -> str:
@@ -28,12 +29,23 @@ def ids_digest(ids: list[int]) -> str:
     return hashlib.sha256(json.dumps(ids, separators=(",", ":")).encode()).hexdigest()[:16]
 
 
+def weight_files(folder: Path) -> list[Path]:
+    """The weight files of a model or adapter folder; .safetensors when there are any, else .bin."""
+    files = sorted(p for p in folder.glob("*") if p.suffix in WEIGHT_SUFFIXES) if folder.is_dir() else []
+    safetensors = [p for p in files if p.suffix == ".safetensors"]
+    return safetensors or files
+
+
 def atomic_write_text(path: Path, text: str) -> None:
+    atomic_write_bytes(path, text.encode())
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=TMP_PREFIX, dir=path.parent)
     try:
-        with os.fdopen(fd, "w") as handle:
-            handle.write(text)
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(data)
             handle.flush()
             os.fsync(handle.fileno())
         os.replace(tmp, path)
@@ -76,7 +88,9 @@ class SampleCache:
                     f"{self.key!r}). Point upft.cache_dir elsewhere or delete {self.dir}."
                 )
         else:
-            atomic_write_text(meta_path, json.dumps({"format": FORMAT, "key": self.key, **self.meta}, indent=2))
+            atomic_write_text(
+                meta_path, json.dumps({"format": FORMAT, "key": self.key, **self.meta}, indent=2)
+            )
 
     def load(self) -> dict[int, Record]:
         records: dict[int, Record] = {}
@@ -109,7 +123,9 @@ class SampleCache:
         try:
             return json.loads(path.read_text())
         except (json.JSONDecodeError, UnicodeDecodeError) as err:
-            raise RuntimeError(f"{path} is corrupt ({err}). Delete it; its samples will be redrawn.") from None
+            raise RuntimeError(
+                f"{path} is corrupt ({err}). Delete it; its samples will be redrawn."
+            ) from None
 
     def _read_part(self, path: Path) -> list[Record]:
         try:
@@ -117,7 +133,9 @@ class SampleCache:
             header = json.loads(lines[0]) if lines else {}
             rows = [json.loads(line) for line in lines[1:]]
         except (json.JSONDecodeError, UnicodeDecodeError) as err:
-            raise RuntimeError(f"{path} is corrupt ({err}). Delete it; its samples will be redrawn.") from None
+            raise RuntimeError(
+                f"{path} is corrupt ({err}). Delete it; its samples will be redrawn."
+            ) from None
         if header.get("format") != FORMAT or header.get("key") != self.key:
             raise RuntimeError(
                 f"{path} is not a sample file of this run (header {header!r}, expected key {self.key!r}). "
@@ -131,4 +149,6 @@ class SampleCache:
         try:
             return [Record(r["i"], r["kind"], r["q"], r["ids"], r["stop"]) for r in rows]
         except KeyError as err:
-            raise RuntimeError(f"{path}: a record lacks {err}. Delete it; its samples will be redrawn.") from None
+            raise RuntimeError(
+                f"{path}: a record lacks {err}. Delete it; its samples will be redrawn."
+            ) from None

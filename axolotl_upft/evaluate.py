@@ -4,7 +4,7 @@ Layout of ``output_dir``:
   parts/<benchmark>/<key>/part-*.jsonl   generated token ids per finished batch (the sample cache's format);
                                          the key covers model, adapter, tokenizer, data file and settings
   <arm>/<benchmark>.jsonl                one graded row per question (rank 0, after every rank finished);
-                                         <arm> names the model and adapter (`arm_name`), so arms never overwrite
+                                         <arm> names the model and adapter (`arm_name`): no overwrites
   <arm>/<benchmark>.summary.json         strict and flexible accuracy and token counts of the run
   benchmarks/<name>.jsonl                the rows of a built-in reasoning-gym benchmark (`benchmarks.py`)
   results.md                             one table row per (model, adapter, benchmark), refreshed in place
@@ -15,13 +15,12 @@ import hashlib
 import json
 import logging
 import re
-import time
 from pathlib import Path
 
-from tqdm.auto import tqdm
-
 from . import benchmarks
-from .cache import Record, SampleCache, atomic_write_text, digest, ids_digest
+from .cache import Record, SampleCache, atomic_write_text, digest
+from .distributed import Distributed
+from .generation import HFSampler, load_model, sampling_device
 from .grading import (
     BENCHMARKS,
     benchmark_path,
@@ -29,15 +28,15 @@ from .grading import (
     extract_answer_flexible,
     gold_answer,
     is_equivalent,
-    question_of,
 )
-from .prompts import chat_messages, check_tokenizer, pad_token_id, render_prompt_ids
-from .sampler import generate_batch, load_model, sampling_device
-from .samples import Distributed, model_fingerprint, read_generation_config, stop_ids
+from .loop import Prompt, generate_all
+from .prompts import chat_messages, check_tokenizer, pad_token_id, question_text, render_prompt_ids
+from .selfsample import model_fingerprint, read_generation_config, stop_ids
 
 LOG = logging.getLogger(__name__)
 KIND = "greedy"
 RESULTS_HEADER = ["model", "adapter", "benchmark", "n", "accuracy", "flexible"]
+GREEDY = {"temperature": 0, "top_p": None, "top_k": None, "repetition_penalty": 1.0}
 _CELL_SPLIT = re.compile(r"(?<!\\)\|")
 
 
@@ -58,28 +57,83 @@ def evaluate(
     """Greedy accuracy of ``model_path`` (+ ``adapter``) on a benchmark name or .jsonl file; the summary."""
     _check_args(limit=limit, max_new_tokens=max_new_tokens, batch_size=batch_size)
     dist = distributed or Distributed()
-    started = time.perf_counter()
-    out = Path(output_dir)
-    builtin = benchmarks.parse_name(benchmark) is not None
-    if builtin:
-        path = benchmarks.write_benchmark(benchmark, out / "benchmarks")
-    else:
-        path = benchmark_path(benchmark, data_dir)
-    name = benchmark.lower() if builtin or benchmark.lower() in BENCHMARKS else path.stem
+    path, name, out = output_paths(benchmark, data_dir, output_dir)
     arm = out / arm_name(model_path, adapter)
-    if (arm / f"{name}.jsonl").resolve() == path.resolve():
-        raise ValueError(
-            f"output_dir: {arm / (name + '.jsonl')} is the benchmark file itself and would be overwritten; "
-            "choose another output_dir"
-        )
+    check_not_benchmark(arm / f"{name}.jsonl", path)
     rows = read_rows(path, limit)
     golds = [gold_answer(row, name, answer_field) for row in rows]
-    texts = [question_of(row) for row in rows]
-
+    texts = [question_text(row, i) for i, row in enumerate(rows)]
     tokenizer = load_tokenizer(model_path, adapter)
-    prompts = [render_prompt_ids(tokenizer, chat_messages(text, system_prompt)) for text in texts]
+    requests = [
+        Prompt(i, render_prompt_ids(tokenizer, chat_messages(text, system_prompt)), KIND)
+        for i, text in enumerate(texts)
+    ]
     stops = stop_ids(tokenizer, read_generation_config(model_path))
-    pad_id = pad_token_id(tokenizer)
+    cache = eval_cache(
+        out / "parts" / name, model_path, adapter, tokenizer, path, system_prompt, max_new_tokens, stops
+    )
+    if dist.rank == 0:
+        cache.open()
+    dist.barrier()
+    generated = generate_all(
+        requests,
+        cache,
+        lambda: HFSampler(load_eval_model(model_path, adapter)),
+        sizes={KIND: batch_size},
+        limits={KIND: max_new_tokens},
+        options=GREEDY | {"stop_ids": stops, "pad_id": pad_token_id(tokenizer)},
+        seed=0,
+        dist=dist,
+        desc=f"eval {name}",
+    )
+    if dist.rank == 0:
+        checker = (lambda answer, i: benchmarks.is_correct(name, answer, rows[i])) if builtin(name) else None
+        graded = grade(tokenizer, texts, golds, [generated.records[i] for i in range(len(rows))], checker)
+        summary = summarize(graded, model=model_path, adapter=adapter, benchmark=name, path=path)
+        summary.update(
+            max_new_tokens=max_new_tokens,
+            system_prompt=system_prompt,
+            tokens_generated_this_run=generated.new_tokens,
+            wall_seconds=round(generated.seconds, 3),
+        )
+        write_outputs(out, arm, name, graded, summary)
+        LOG.info(
+            "UPFT eval: %s %s accuracy %.2f%% (n=%d)", model_path, name, summary["accuracy"], summary["n"]
+        )
+    dist.barrier()
+    return json.loads((arm / f"{name}.summary.json").read_text())
+
+
+def builtin(benchmark: str) -> bool:
+    return benchmarks.parse_name(benchmark) is not None
+
+
+def output_paths(benchmark: str, data_dir, output_dir) -> tuple[Path, str, Path]:
+    """(benchmark file, its name in the outputs, output folder); a built-in one is written there first."""
+    out = Path(output_dir)
+    if builtin(benchmark):
+        return benchmarks.write_benchmark(benchmark, out / "benchmarks"), benchmark.lower(), out
+    path = benchmark_path(benchmark, data_dir)
+    return path, benchmark.lower() if benchmark.lower() in BENCHMARKS else path.stem, out
+
+
+def check_not_benchmark(target: Path, path: Path) -> None:
+    if target.resolve() == path.resolve():
+        raise ValueError(
+            f"output_dir: {target} is the benchmark file itself and would be overwritten; "
+            "choose another output_dir"
+        )
+
+
+def arm_name(model_path: str, adapter: str | None) -> str:
+    """Folder name of one (model, adapter) pair's results: readable, and distinct for distinct paths."""
+    parts = [Path(model_path).name] + ([Path(adapter).parent.name, Path(adapter).name] if adapter else [])
+    slug = re.sub(r"[^A-Za-z0-9._-]+", "_", "+".join(p for p in parts if p))
+    return f"{slug}-{digest([str(model_path), str(adapter) if adapter else None])[:8]}"
+
+
+def eval_cache(root: Path, model_path, adapter, tokenizer, path: Path, system_prompt, max_new_tokens, stops):
+    """The generations' cache, keyed by model, adapter, tokenizer, benchmark file and settings."""
     meta = {
         "task": "eval",
         "model": model_fingerprint(model_path),
@@ -90,80 +144,7 @@ def evaluate(
         "max_new_tokens": max_new_tokens,
         "stop_ids": sorted(stops),
     }
-    cache = SampleCache(out / "parts" / name, digest(meta), meta)
-    if dist.rank == 0:
-        cache.open()
-    dist.barrier()
-
-    done = cache.load()
-    _check_cached(done, prompts, cache)
-    missing = sorted((i for i in range(len(rows)) if i not in done), key=lambda i: (len(prompts[i]), i))
-    batches = [missing[j : j + batch_size] for j in range(0, len(missing), batch_size)]
-    mine = batches[dist.rank :: dist.world_size]
-    new_tokens = 0
-    if mine:
-        LOG.info(
-            "UPFT eval: %s on %s, %d of %d questions to generate (%d cached), rank %d/%d",
-            model_path,
-            name,
-            sum(map(len, mine)),
-            len(rows),
-            len(rows) - len(missing),
-            dist.rank,
-            dist.world_size,
-        )
-        model = load_eval_model(model_path, adapter)
-        bar = tqdm(total=len(missing), desc=f"eval {name}", unit="q", disable=dist.rank != 0)
-        for batch in mine:
-            outputs = generate_batch(
-                model,
-                [prompts[i] for i in batch],
-                max_new_tokens=max_new_tokens,
-                stop_ids=stops,
-                pad_id=pad_id,
-                temperature=0,
-                top_p=None,
-                top_k=None,
-                seed=0,
-            )
-            cache.write_part(
-                [
-                    Record(i, KIND, ids_digest(prompts[i]), ids, stopped)
-                    for i, (ids, stopped) in zip(batch, outputs)
-                ]
-            )
-            new_tokens += sum(len(ids) for ids, _ in outputs)
-            bar.update(max(0, cache.count_done() - len(done) - bar.n))
-        bar.close()
-        del model
-    dist.barrier()
-    if dist.rank == 0:
-        records = cache.load()
-        lacking = [i for i in range(len(rows)) if i not in records]
-        if lacking:
-            raise RuntimeError(f"UPFT eval: questions {lacking[:10]} have no generation in {cache.dir}")
-        checker = (lambda answer, i: benchmarks.is_correct(name, answer, rows[i])) if builtin else None
-        graded = grade(tokenizer, texts, golds, [records[i] for i in range(len(rows))], checker)
-        summary = summarize(graded, model=model_path, adapter=adapter, benchmark=name, path=path)
-        summary.update(
-            max_new_tokens=max_new_tokens,
-            system_prompt=system_prompt,
-            tokens_generated_this_run=new_tokens,
-            wall_seconds=round(time.perf_counter() - started, 3),
-        )
-        write_outputs(out, arm, name, graded, summary)
-        LOG.info(
-            "UPFT eval: %s %s accuracy %.2f%% (n=%d)", model_path, name, summary["accuracy"], summary["n"]
-        )
-    dist.barrier()
-    return json.loads((arm / f"{name}.summary.json").read_text())
-
-
-def arm_name(model_path: str, adapter: str | None) -> str:
-    """Folder name of one (model, adapter) pair's results: readable, and distinct for distinct paths."""
-    parts = [Path(model_path).name] + ([Path(adapter).parent.name, Path(adapter).name] if adapter else [])
-    slug = re.sub(r"[^A-Za-z0-9._-]+", "_", "+".join(p for p in parts if p))
-    return f"{slug}-{digest([str(model_path), str(adapter) if adapter else None])[:8]}"
+    return SampleCache(root, digest(meta), meta)
 
 
 def _check_args(**values) -> None:
@@ -223,16 +204,9 @@ def load_eval_model(model_path: str, adapter: str | None):
     return model
 
 
-def _check_cached(done: dict[int, Record], prompts: list[list[int]], cache: SampleCache) -> None:
-    for index, record in done.items():
-        if index < len(prompts) and record.prompt_digest != ids_digest(prompts[index]):
-            raise RuntimeError(
-                f"{cache.dir}: the cached generation of question {index} was made for another prompt. "
-                f"Delete {cache.dir} to generate again."
-            )
-
-
-def grade(tokenizer, questions: list[str], golds: list[str], records: list[Record], checker=None) -> list[dict]:
+def grade(
+    tokenizer, questions: list[str], golds: list[str], records: list[Record], checker=None
+) -> list[dict]:
     """One result row per question, in benchmark order: the strict answer and the flexible one
     (last number as fallback), each checked by ``checker(answer, index)`` or else by ``is_equivalent``."""
     check = checker or (lambda answer, index: is_equivalent(answer, golds[index]))

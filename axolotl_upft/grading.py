@@ -7,7 +7,7 @@ import re
 import threading
 from pathlib import Path
 
-logger = logging.getLogger(__name__)
+LOG = logging.getLogger(__name__)
 
 BENCHMARKS = {
     "gsm8k": "gsm8k_test.jsonl",
@@ -15,7 +15,6 @@ BENCHMARKS = {
     "aime24": "aime24.jsonl",
     "amc23": "amc23.jsonl",
 }
-QUESTION_FIELDS = ("question", "problem", "prompt")
 DEFAULT_DATA_DIR = Path(__file__).resolve().parents[2] / "shared" / "data"
 
 _BOX_OPEN = re.compile(r"\\(?:boxed|fbox)\s*\{")
@@ -101,14 +100,6 @@ def gold_answer(row: dict, benchmark: str | None = None, field: str = "answer") 
     return text
 
 
-def question_of(row: dict) -> str:
-    """The question text of a row: the first of the fields ``question``, ``problem``, ``prompt``."""
-    for name in QUESTION_FIELDS:
-        if isinstance(row.get(name), str) and row[name].strip():
-            return row[name]
-    raise ValueError(f"row has none of the question fields {QUESTION_FIELDS} (it has {sorted(row)})")
-
-
 def benchmark_path(name: str, data_dir: str | Path | None = None) -> Path:
     """Resolve a benchmark name (see BENCHMARKS) or a path to a .jsonl file."""
     if name.lower() in BENCHMARKS:
@@ -144,7 +135,7 @@ def normalize(answer: str) -> str:
     for junk in ("^\\circ", "^{\\circ}", "°", "\\%", "%", "\\$", "$", "\\!", "\\,", "\\;", "\\ "):
         s = s.replace(junk, "")
     s = re.sub(r"\s+", "", s)
-    s = _FRAC_DIGITS.sub(lambda m: "\\frac{%s}{%s}" % (m[1].strip("{}"), m[2].strip("{}")), s)
+    s = _FRAC_DIGITS.sub(lambda m: "\\frac{" + m[1].strip("{}") + "}{" + m[2].strip("{}") + "}", s)
     s = re.sub(r"\\sqrt(\d)", r"\\sqrt{\1}", s)
     s = s.rstrip(".")
     if _THOUSANDS.fullmatch(s):
@@ -179,14 +170,14 @@ def _math_verify_bounded(pred: str, gold: str, timeout_s: float) -> bool | None:
         try:
             verdict.append(_math_verify(pred, gold, None))
         # An error here would only reach threading's excepthook; no verdict means "use the text compare".
-        except Exception as err:
-            logger.debug("math-verify failed on %r vs gold %r: %r", pred[:80], gold[:80], err)
+        except Exception as err:  # noqa: BLE001
+            LOG.debug("math-verify failed on %r vs gold %r: %r", pred[:80], gold[:80], err)
 
     worker = threading.Thread(target=work, daemon=True)
     worker.start()
     worker.join(timeout_s)
     if worker.is_alive():
-        logger.warning("math-verify ran past %.1fs on %r vs gold %r", timeout_s, pred[:80], gold[:80])
+        LOG.warning("math-verify ran past %.1fs on %r vs gold %r", timeout_s, pred[:80], gold[:80])
         return None
     return verdict[0] if verdict else None
 
@@ -218,7 +209,13 @@ def is_equivalent(pred: str | None, gold: str, timeout_s: float = 5) -> bool:
         verdict = _math_verify_bounded(pred, gold, timeout_s)
     # sympy can raise nearly anything on odd input, and one bad answer must not crash an eval run:
     # any failure falls back to the text compare.
-    except (Exception, timeout_exception) as err:
-        logger.debug("math-verify failed on %r vs gold %r: %r", pred[:80], gold[:80], err)
+    except (Exception, timeout_exception) as err:  # noqa: BLE001
+        LOG.debug("math-verify failed on %r vs gold %r: %r", pred[:80], gold[:80], err)
         verdict = None
     return same_text if verdict is None else verdict
+
+
+def is_correct(tokenizer, ids: list[int], gold: str) -> bool:
+    """Whether generated ids, decoded, hold an answer equivalent to ``gold`` (flexible reading: the strict
+    answer, else the last number)."""
+    return is_equivalent(extract_answer_flexible(tokenizer.decode(ids, skip_special_tokens=True)), gold)

@@ -6,10 +6,12 @@ import sys
 import time
 from pathlib import Path
 
-from axolotl.integrations.base import BasePlugin, PluginManager
+from axolotl.integrations.base import BasePlugin
+
+from .args import ARGS_PATH, UPFTConfig
+from .cache import weight_files
 
 HASHED_CFG_KEYS = ("upft", "base_model")
-SAVED_WEIGHTS = ("adapter_model.safetensors", "model.safetensors", "model.safetensors.index.json")
 LOG = logging.getLogger(__name__)
 
 
@@ -20,7 +22,7 @@ class UPFTPlugin(BasePlugin):
     _trained = False
 
     def get_input_args(self) -> str:
-        return "axolotl_upft.args.UPFTArgs"
+        return ARGS_PATH
 
     def register(self, cfg):
         self._started = time.time()
@@ -37,20 +39,13 @@ class UPFTPlugin(BasePlugin):
         """`upft.loss_normalization: sample` (the default): every row weighs the same, as at micro-batch 1."""
         if cfg.get("upft") is None or cfg.rl or cfg.reward_model or cfg.process_reward_model:
             return None
-        from .dataset import upft_config
-
-        upft = upft_config(cfg)
+        upft = UPFTConfig.from_cfg(cfg)
         if upft.loss_normalization == "token":
             return None
-        if (cfg.context_parallel_size or 1) > 1 or (cfg.tensor_parallel_size or 1) > 1:
-            raise ValueError(
-                "upft.loss_normalization: sample needs whole rows on each rank: drop context_parallel_size / "
-                "tensor_parallel_size or set upft.loss_normalization: token"
-            )
         from axolotl.core.trainers.base import AxolotlTrainer
         from axolotl.utils.import_helper import get_cls_from_module_str
 
-        from .loss import sample_normalized_trainer
+        from .trainer import sample_normalized_trainer
 
         # Axolotl's own SFT choice (core/builders/causal.py): cfg.trainer_cls, else AxolotlTrainer.
         base = get_cls_from_module_str(cfg.trainer_cls) if cfg.trainer_cls else AxolotlTrainer
@@ -61,14 +56,12 @@ class UPFTPlugin(BasePlugin):
 
     def post_train_unload(self, cfg):
         """`upft.eval_after_train`: greedy accuracy of what this run saved, once the trainer is freed."""
-        if cfg.get("upft") is None or int(os.environ.get("RANK", 0)) != 0 or not self._trained:
+        if cfg.get("upft") is None or int(os.environ.get("RANK", "0")) != 0 or not self._trained:
             return
-        from .dataset import upft_config
-
-        upft = upft_config(cfg)
+        upft = UPFTConfig.from_cfg(cfg)
         out = Path(cfg.output_dir)
         # Unload also runs after a failed save: weights left by an earlier run must not be evaluated.
-        saved = [out / name for name in SAVED_WEIGHTS if (out / name).exists()]
+        saved = weight_files(out)
         if not upft.eval_after_train or not any(p.stat().st_mtime >= self._started for p in saved):
             return
         from .evaluate import evaluate
@@ -77,11 +70,11 @@ class UPFTPlugin(BasePlugin):
         model_path = cfg.base_model if adapter else str(out)
         for benchmark in upft.eval_after_train:
             summary = evaluate(
-                model_path, benchmark, adapter=adapter, output_dir=out / "eval",
-                system_prompt=upft.system_prompt, max_new_tokens=upft.sampling.max_new_tokens,
+                model_path,
+                benchmark,
+                adapter=adapter,
+                output_dir=out / "eval",
+                system_prompt=upft.system_prompt,
+                max_new_tokens=upft.sampling.max_new_tokens,
             )
             LOG.info("UPFT eval %s: %.1f%% of %d", benchmark, summary["accuracy"], summary["n"])
-
-
-def plugin_is_registered() -> bool:
-    return any(isinstance(p, UPFTPlugin) for p in PluginManager.get_instance().plugins.values())

@@ -74,7 +74,8 @@ def check_tokenizer(tokenizer) -> None:
     if tokenizer.eos_token_id is None:
         raise ValueError(
             f"the tokenizer of {tokenizer.name_or_path!r} has no EOS token, which ends every UPFT sample. "
-            "Set it in the config: `special_tokens: {eos_token: \"<|im_end|>\"}` (your model's end-of-turn token)."
+            'Set it in the config: `special_tokens: {eos_token: "<|im_end|>"}` '
+            "(your model's end-of-turn token)."
         )
 
 

@@ -3,7 +3,7 @@
 import json
 from pathlib import Path
 
-from .args import UPFTConfig
+from .args import DEFAULT_PREPARED_PATH, UPFTConfig
 from .rows import IGNORE_INDEX
 
 
@@ -15,9 +15,9 @@ def newest(paths) -> Path | None:
 def run_report(raw: dict) -> dict:
     from datasets import load_from_disk
 
-    upft = UPFTConfig.model_validate(raw.get("upft") or {})
-    prepared_root = Path(raw.get("dataset_prepared_path") or "last_run_prepared")
-    cache_root = Path(upft.cache_dir) if upft.cache_dir else prepared_root / "upft_samples"
+    upft = UPFTConfig.from_cfg(raw)
+    prepared_root = Path(raw.get("dataset_prepared_path") or DEFAULT_PREPARED_PATH)
+    cache_root = upft.sample_cache_root(raw)
     report: dict = {"samples_dir": None, "sampling": None, "prepared_dir": None}
     summary = newest(cache_root.glob("*/summary.json"))
     if summary:

@@ -41,7 +41,7 @@ def cut_prefix(generated: list[int], prefix_length: int, stop_ids: frozenset[int
     return out
 
 
-def cut_full(generated: list[int], stop_ids: frozenset[int]) -> tuple[list[int], bool]:
+def cut_at_stop(generated: list[int], stop_ids: frozenset[int]) -> tuple[list[int], bool]:
     """Generated ids up to and including the first stop token; whether one was reached."""
     for i, token in enumerate(generated):
         if token in stop_ids:
@@ -91,5 +91,5 @@ def full_row(
     prompt_ids: list[int], generated: list[int], *, stop_ids: frozenset[int], train_on_inputs: bool = False
 ) -> Row:
     """UPFT structure row: bare prompt + the whole trace, which ends in its own stop token."""
-    response, _ = cut_full(generated, stop_ids)
+    response, _ = cut_at_stop(generated, stop_ids)
     return build_row(prompt_ids, response, FULL, train_on_inputs=train_on_inputs)

@@ -18,14 +18,43 @@ from axolotl_upft.evaluate import arm_name
 
 def measure(model: str, task: str, out: Path, limit: int, max_new_tokens: int, batch_size: int) -> dict:
     name = f"{task}-validation"
-    subprocess.run(["axolotl-upft", "eval", "--model", model, "--benchmark", name, "--limit", str(limit),
-                    "--output", str(out), "--max-new-tokens", str(max_new_tokens),
-                    "--batch-size", str(batch_size)], check=True, stdout=subprocess.DEVNULL)
+    subprocess.run(
+        [
+            "axolotl-upft",
+            "eval",
+            "--model",
+            model,
+            "--benchmark",
+            name,
+            "--limit",
+            str(limit),
+            "--output",
+            str(out),
+            "--max-new-tokens",
+            str(max_new_tokens),
+            "--batch-size",
+            str(batch_size),
+        ],
+        check=True,
+        stdout=subprocess.DEVNULL,
+    )
     summary = json.loads((out / arm_name(model, None) / f"{name}.summary.json").read_text())
-    keys = ("n", "accuracy", "accuracy_flexible", "no_answer", "no_answer_flexible", "mean_tokens", "truncated",
-            "wall_seconds")
-    return {"task": task, "reasoning_gym": TASKS[task].dataset, "settings": TASKS[task].config,
-            **{k: summary[k] for k in keys}}
+    keys = (
+        "n",
+        "accuracy",
+        "accuracy_flexible",
+        "no_answer",
+        "no_answer_flexible",
+        "mean_tokens",
+        "truncated",
+        "wall_seconds",
+    )
+    return {
+        "task": task,
+        "reasoning_gym": TASKS[task].dataset,
+        "settings": TASKS[task].config,
+        **{k: summary[k] for k in keys},
+    }
 
 
 def choose(rows: list[dict], low: float = 10, high: float = 60) -> str | None:
@@ -35,7 +64,9 @@ def choose(rows: list[dict], low: float = 10, high: float = 60) -> str | None:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--model", required=True)
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--results", type=Path, required=True)
@@ -47,10 +78,15 @@ def main() -> None:
     rows, tasks = [], args.tasks.split(",")
     for task in tasks:
         rows.append(measure(args.model, task, args.out, args.limit, args.max_new_tokens, args.batch_size))
-        result = {"model": args.model, "limit": args.limit, "max_new_tokens": args.max_new_tokens,
-                  "rule": "base flexible accuracy in 10-60%, then the longest mean response",
-                  "candidates": rows, "complete": len(rows) == len(tasks),
-                  "chosen": choose(rows) if len(rows) == len(tasks) else None}
+        result = {
+            "model": args.model,
+            "limit": args.limit,
+            "max_new_tokens": args.max_new_tokens,
+            "rule": "base flexible accuracy in 10-60%, then the longest mean response",
+            "candidates": rows,
+            "complete": len(rows) == len(tasks),
+            "chosen": choose(rows) if len(rows) == len(tasks) else None,
+        }
         args.results.parent.mkdir(parents=True, exist_ok=True)
         args.results.write_text(json.dumps(result, indent=2, default=list) + "\n")
         print(json.dumps(rows[-1]), flush=True)

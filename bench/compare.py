@@ -37,8 +37,10 @@ def load(path: Path) -> dict:
     if cfg["task"] == "chosen":
         choice = read_json(Path(cfg.get("task_choice", "results/task_choice.json")), {})
         if not choice.get("chosen"):
-            raise SystemExit("task: chosen needs a finished `make choose-task` (results/task_choice.json) "
-                             "that found a task with base accuracy in 10-60%")
+            raise SystemExit(
+                "task: chosen needs a finished `make choose-task` (results/task_choice.json) "
+                "that found a task with base accuracy in 10-60%"
+            )
         cfg["task"] = choice["chosen"]
     return cfg
 
@@ -99,7 +101,9 @@ def stage_data(cfg: dict) -> None:
 def merge(base: dict, extra: dict) -> dict:
     out = copy.deepcopy(base)
     for key, value in extra.items():
-        out[key] = merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+        out[key] = (
+            merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+        )
     return out
 
 
@@ -145,13 +149,19 @@ def train(cfg: dict, arm: str, overrides: dict) -> Path | None:
     except SystemExit:
         if NOTHING_TO_TRAIN not in (cfg["output"] / arm / "log.txt").read_text()[-20000:]:
             raise
-        write_json(cfg["results"] / "runs" / f"{arm}.json", {"config": yaml.safe_load(config.read_text()),
-                                                           "skipped": NOTHING_TO_TRAIN})
+        write_json(
+            cfg["results"] / "runs" / f"{arm}.json",
+            {"config": yaml.safe_load(config.read_text()), "skipped": NOTHING_TO_TRAIN},
+        )
         return None
     timed(cfg, arm, "train_s", ["axolotl", "train", str(config)])
-    report = subprocess.run(["axolotl-upft", "report", str(config)], capture_output=True, text=True, check=True)
-    write_json(cfg["results"] / "runs" / f"{arm}.json", {"config": yaml.safe_load(config.read_text()),
-                                                       "report": json.loads(report.stdout)})
+    report = subprocess.run(
+        ["axolotl-upft", "report", str(config)], capture_output=True, text=True, check=True
+    )
+    write_json(
+        cfg["results"] / "runs" / f"{arm}.json",
+        {"config": yaml.safe_load(config.read_text()), "report": json.loads(report.stdout)},
+    )
     return adapter
 
 
@@ -159,9 +169,20 @@ def evaluate(cfg: dict, arm: str, split: str, adapter: Path | None) -> dict:
     """Greedy eval of one arm on one split; the per-question rows and summary are copied to results/."""
     name = f"{cfg['task']}-{split}"
     limit = cfg.get(f"{split}_questions")
-    command = ["axolotl-upft", "eval", "--model", str(cfg["model"]), "--benchmark", name,
-               "--output", str(cfg["output"] / "eval"), "--max-new-tokens", str(cfg["max_new_tokens"]),
-               "--batch-size", str(cfg["eval_batch_size"])]
+    command = [
+        "axolotl-upft",
+        "eval",
+        "--model",
+        str(cfg["model"]),
+        "--benchmark",
+        name,
+        "--output",
+        str(cfg["output"] / "eval"),
+        "--max-new-tokens",
+        str(cfg["max_new_tokens"]),
+        "--batch-size",
+        str(cfg["eval_batch_size"]),
+    ]
     command += ["--adapter", str(adapter)] if adapter else []
     command += ["--limit", str(limit)] if limit else []
     timed(cfg, arm, f"eval_{split}_s", command)
@@ -206,13 +227,22 @@ def stage_tune(cfg: dict) -> dict:
         arm = setting_name(setting)
         adapter = train(cfg, arm, tune_overrides(setting))
         summary = evaluate(cfg, arm, "validation", adapter)
-        results.append({"arm": arm, "setting": setting, "accuracy": summary["accuracy"],
-                        "accuracy_flexible": summary["accuracy_flexible"], "n": summary["n"]})
+        results.append(
+            {
+                "arm": arm,
+                "setting": setting,
+                "accuracy": summary["accuracy"],
+                "accuracy_flexible": summary["accuracy_flexible"],
+                "n": summary["n"],
+            }
+        )
         write_json(cfg["results"] / "tune.json", {"settings": results, "best": None})
     base = evaluate(cfg, "base", "validation", None)
     best = max(results, key=lambda r: r["accuracy_flexible"])
-    write_json(cfg["results"] / "tune.json", {"settings": results, "best": best,
-                                              "base_validation_flexible": base["accuracy_flexible"]})
+    write_json(
+        cfg["results"] / "tune.json",
+        {"settings": results, "best": best, "base_validation_flexible": base["accuracy_flexible"]},
+    )
     return best
 
 
@@ -222,7 +252,11 @@ def stage_arms(cfg: dict, best: dict) -> None:
     chosen = tune_overrides(best["setting"])
     for arm, overrides in cfg["arms"].items():
         # label_filter arms keep the tuned k, p, lr and epochs; the others keep lr and epochs.
-        keep = chosen if overrides.get("upft", {}).get("label_filter") else {k: v for k, v in chosen.items() if k != "upft"}
+        keep = (
+            chosen
+            if overrides.get("upft", {}).get("label_filter")
+            else {k: v for k, v in chosen.items() if k != "upft"}
+        )
         adapter = train(cfg, arm, merge(keep, overrides or {}))
         if adapter is not None:
             evaluate(cfg, arm, "test", adapter)
@@ -238,8 +272,13 @@ def stage_analyze(cfg: dict, arm: str, model: str) -> None:
     settings = dict(cfg.get("analyze") or {})
     count = settings.pop("questions", 32)
     lines = data_file(cfg, "train").read_text().splitlines()[:count]
-    result = analyze(model, [json.loads(line) for line in lines], output_dir=cfg["output"] / "analysis" / arm,
-                     seed=cfg["recipe"].get("upft", {}).get("seed", 42), **settings)
+    result = analyze(
+        model,
+        [json.loads(line) for line in lines],
+        output_dir=cfg["output"] / "analysis" / arm,
+        seed=cfg["recipe"].get("upft", {}).get("seed", 42),
+        **settings,
+    )
     write_json(target, result)
     shutil.copyfile(cfg["output"] / "analysis" / arm / "analysis.png", target.with_suffix(".png"))
 
@@ -261,7 +300,9 @@ def merged_model(cfg: dict, adapter: Path) -> str:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("config", type=Path)
     parser.add_argument("--stage", choices=("all",) + STAGES, default="all")
     args = parser.parse_args()

@@ -24,10 +24,11 @@ import torch
 from transformers import AutoTokenizer
 
 from axolotl_upft.args import UPFTConfig
+from axolotl_upft.generation import HFSampler, left_pad, resolve_batch_sizes, sampling_device
+from axolotl_upft.loop import Prompt, plan_batches
 from axolotl_upft.prompts import chat_messages, pad_token_id, render_prompt_ids
 from axolotl_upft.rows import FULL, PREFIX, question_kinds
-from axolotl_upft.sampler import HFSampler, left_pad, resolve_batch_sizes, sampling_device
-from axolotl_upft.samples import Question, plan_batches, read_generation_config, sampling_settings, stop_ids
+from axolotl_upft.selfsample import read_generation_config, sampling_options, sampling_settings, stop_ids
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT.parent / "shared" / "data" / "gsm8k_test.jsonl"
@@ -42,7 +43,7 @@ def load_questions(n: int, path: Path) -> list[str]:
     return [questions[i % len(questions)] for i in range(n)]
 
 
-def timed_sampling(sampler, questions: list[Question], batch_size: dict, limits: dict, options: dict) -> dict:
+def timed_sampling(sampler, questions: list[Prompt], batch_size: dict, limits: dict, options: dict) -> dict:
     if sampler.model.device.type == "cuda":
         torch.cuda.synchronize()
     start, tokens = time.perf_counter(), 0
@@ -54,8 +55,12 @@ def timed_sampling(sampler, questions: list[Question], batch_size: dict, limits:
     if sampler.model.device.type == "cuda":
         torch.cuda.synchronize()
     seconds = time.perf_counter() - start
-    return {"questions": len(questions), "tokens": tokens, "seconds": round(seconds, 3),
-            "tokens_per_second": round(tokens / seconds, 1)}
+    return {
+        "questions": len(questions),
+        "tokens": tokens,
+        "seconds": round(seconds, 3),
+        "tokens_per_second": round(tokens / seconds, 1),
+    }
 
 
 def fixed_width(prompts: list[list[int]], width: int) -> list[list[int]]:
@@ -73,18 +78,26 @@ def timed_passes(run, questions: int, device_type: str) -> dict:
         if device_type == "cuda":
             torch.cuda.synchronize()
         seconds = time.perf_counter() - start
-        passes[name] = {"seconds": round(seconds, 3), "questions_per_second": round(questions / seconds, 1),
-                        "ms_per_question": round(1000 * seconds / questions, 3)}
+        passes[name] = {
+            "seconds": round(seconds, 3),
+            "questions_per_second": round(questions / seconds, 1),
+            "ms_per_question": round(1000 * seconds / questions, 3),
+        }
     return passes
 
 
 def prefix_speed(args, prompts: list[list[int]], options: dict) -> dict:
     """Prefix questions/s: plain `generate` at batch 256 vs the project's sampler (batch sizes, cache)."""
     prompts = fixed_width(prompts, args.width)
-    upft = UPFTConfig(prefix_length=args.k, sampling={
-        "prefix_batch_size": args.prefix_batch_size, "cache_implementation": args.cache_implementation})
+    upft = UPFTConfig(
+        prefix_length=args.k,
+        sampling={
+            "prefix_batch_size": args.prefix_batch_size,
+            "cache_implementation": args.cache_implementation,
+        },
+    )
     sizes = resolve_batch_sizes(upft.sampling, "hf", args.model, {PREFIX: args.width}, {PREFIX: args.k})
-    sampler = HFSampler(args.model, args.cache_implementation)
+    sampler = HFSampler.load(args.model, args.cache_implementation)
     device_type = sampler.model.device.type
     if device_type == "cuda":
         torch.cuda.reset_peak_memory_stats()
@@ -94,29 +107,47 @@ def prefix_speed(args, prompts: list[list[int]], options: dict) -> dict:
             ids, mask = left_pad(prompts[i : i + 256], options["pad_id"], sampler.model.device)
             torch.manual_seed(i)
             sampler.model.generate(
-                input_ids=ids, attention_mask=mask, max_new_tokens=args.k, eos_token_id=sorted(options["stop_ids"]),
-                pad_token_id=options["pad_id"], do_sample=True, temperature=options["temperature"],
-                top_k=options["top_k"] or 0, top_p=options["top_p"] or 1.0, repetition_penalty=1.0,
+                input_ids=ids,
+                attention_mask=mask,
+                max_new_tokens=args.k,
+                eos_token_id=sorted(options["stop_ids"]),
+                pad_token_id=options["pad_id"],
+                do_sample=True,
+                temperature=options["temperature"],
+                top_k=options["top_k"] or 0,
+                top_p=options["top_p"] or 1.0,
+                repetition_penalty=1.0,
             )
 
-    questions = [Question(i, "", p, PREFIX) for i, p in enumerate(prompts)]
+    questions = [Prompt(i, p, PREFIX) for i, p in enumerate(prompts)]
 
     def ours():
         for i, batch in enumerate(plan_batches(questions, sizes)):
             sampler.generate([q.prompt_ids for q in batch], max_new_tokens=args.k, seed=i, **options)
 
-    result = {"plain_generate": {"batch_size": 256, "cache_implementation": "dynamic"} | timed_passes(plain, len(prompts), device_type)}
-    result["upft_sampler"] = {"batch_size": sizes[PREFIX], "cache_implementation": args.cache_implementation} | timed_passes(
-        ours, len(prompts), device_type)
+    result = {
+        "plain_generate": {"batch_size": 256, "cache_implementation": "dynamic"}
+        | timed_passes(plain, len(prompts), device_type)
+    }
+    result["upft_sampler"] = {
+        "batch_size": sizes[PREFIX],
+        "cache_implementation": args.cache_implementation,
+    } | timed_passes(ours, len(prompts), device_type)
     if device_type == "cuda":
         result["peak_memory_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
-    result["speedup_warm"] = round(result["plain_generate"]["warm"]["seconds"] / result["upft_sampler"]["warm"]["seconds"], 3)
-    result["speedup_cold"] = round(result["plain_generate"]["cold"]["seconds"] / result["upft_sampler"]["cold"]["seconds"], 3)
+    result["speedup_warm"] = round(
+        result["plain_generate"]["warm"]["seconds"] / result["upft_sampler"]["warm"]["seconds"], 3
+    )
+    result["speedup_cold"] = round(
+        result["plain_generate"]["cold"]["seconds"] / result["upft_sampler"]["cold"]["seconds"], 3
+    )
     return result
 
 
 def main(argv=None) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--model", required=True)
     parser.add_argument("--data", type=Path, default=DATA)
     parser.add_argument("--n", type=int, default=8)
@@ -133,40 +164,55 @@ def main(argv=None) -> dict:
     args = parser.parse_args(argv)
 
     tokenizer = AutoTokenizer.from_pretrained(args.model)
-    upft = UPFTConfig(prefix_length=args.k, structure_ratio=args.p,
-                      sampling={"temperature": args.temperature, "max_new_tokens": args.max_new_tokens})
+    upft = UPFTConfig(
+        prefix_length=args.k,
+        structure_ratio=args.p,
+        sampling={"temperature": args.temperature, "max_new_tokens": args.max_new_tokens},
+    )
     generation_config = read_generation_config(args.model)
-    settings = sampling_settings(upft, generation_config)
-    options = {
-        "stop_ids": stop_ids(tokenizer, generation_config),
-        "pad_id": pad_token_id(tokenizer),
-        "temperature": settings["temperature"], "top_p": settings["top_p"], "top_k": settings["top_k"],
-        "repetition_penalty": settings["repetition_penalty"],
-    }
+    settings = sampling_settings(upft.sampling, generation_config)
+    options = sampling_options(settings, stop_ids(tokenizer, generation_config), pad_token_id(tokenizer))
     texts = load_questions(args.n, args.data)
     prompts = [render_prompt_ids(tokenizer, chat_messages(t, None)) for t in texts]
     if args.speed:
-        result = {"device": str(sampling_device()), "model": args.model, "n": len(prompts), "k": args.k,
-                  "width": args.width, "temperature": args.temperature, "top_k": settings["top_k"],
-                  "top_p": settings["top_p"]}
+        result = {
+            "device": str(sampling_device()),
+            "model": args.model,
+            "n": len(prompts),
+            "k": args.k,
+            "width": args.width,
+            "temperature": args.temperature,
+            "top_k": settings["top_k"],
+            "top_p": settings["top_p"],
+        }
         result |= prefix_speed(args, prompts, options)
         json.dump(result, sys.stdout, indent=2)
         print()
         return result
     kinds = question_kinds(len(texts), args.p, upft.seed)
-    limits = {"prefix": args.k, "full": args.max_new_tokens}
-    sampler = HFSampler(args.model, args.cache_implementation)
+    limits = {PREFIX: args.k, FULL: args.max_new_tokens}
+    sampler = HFSampler.load(args.model, args.cache_implementation)
     sampler.generate(prompts[:2], max_new_tokens=2, seed=0, **options)  # warm-up
     sizes = {PREFIX: args.prefix_batch_size or args.batch_size, FULL: args.batch_size}
 
-    upft_q = [Question(i, t, p, k) for i, (t, p, k) in enumerate(zip(texts, prompts, kinds))]
-    sft_q = [Question(i, t, p, FULL) for i, (t, p) in enumerate(zip(texts, prompts))]
-    rft_q = [Question(i * args.rft_samples + j, t, p, FULL)
-             for i, (t, p) in enumerate(zip(texts, prompts)) for j in range(args.rft_samples)]
+    upft_q = [Prompt(i, p, k) for i, (p, k) in enumerate(zip(prompts, kinds))]
+    sft_q = [Prompt(i, p, FULL) for i, p in enumerate(prompts)]
+    rft_q = [
+        Prompt(i * args.rft_samples + j, p, FULL)
+        for i, p in enumerate(prompts)
+        for j in range(args.rft_samples)
+    ]
     result = {
-        "device": str(sampling_device()), "model": args.model, "n": args.n, "k": args.k, "p": args.p,
-        "max_new_tokens": args.max_new_tokens, "batch_size": args.batch_size, "prefix_batch_size": sizes[PREFIX],
-        "top_k": settings["top_k"], "top_p": settings["top_p"],
+        "device": str(sampling_device()),
+        "model": args.model,
+        "n": args.n,
+        "k": args.k,
+        "p": args.p,
+        "max_new_tokens": args.max_new_tokens,
+        "batch_size": args.batch_size,
+        "prefix_batch_size": sizes[PREFIX],
+        "top_k": settings["top_k"],
+        "top_p": settings["top_p"],
         "upft": timed_sampling(sampler, upft_q, sizes, limits, options),
         "self_sft": timed_sampling(sampler, sft_q, sizes, limits, options),
         f"rft{args.rft_samples}": timed_sampling(sampler, rft_q, sizes, limits, options),

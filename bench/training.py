@@ -26,9 +26,10 @@ from pathlib import Path
 
 import yaml
 
+from axolotl_upft.rows import IGNORE_INDEX
+
 ROOT = Path(__file__).resolve().parents[1]
 QUESTIONS = ROOT / "example_configs" / "data" / "gsm8k_train_128.jsonl"
-IGNORE = -100
 LOG_DICT = re.compile(r"\{'(?:loss|train_runtime)'[^{}]*\}")
 
 
@@ -111,7 +112,7 @@ def row_stats(prepared: Path) -> dict:
     return {
         "rows": len(rows),
         "real_tokens": sum(len(ids) for ids in rows["input_ids"]),
-        "row_trained_tokens": sum(sum(t != IGNORE for t in labels) for labels in rows["labels"]),
+        "row_trained_tokens": sum(sum(t != IGNORE_INDEX for t in labels) for labels in rows["labels"]),
     }
 
 

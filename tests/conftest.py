@@ -10,9 +10,9 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("AXOLOTL_DO_NOT_TRACK", "1")
 os.environ.setdefault("WANDB_MODE", "disabled")
 
-import tiny  # noqa: E402
+import tiny
 
-from axolotl_upft.args import REFERENCE_INSTRUCTION  # noqa: E402
+from axolotl_upft.args import REFERENCE_INSTRUCTION
 
 
 @pytest.fixture(scope="session")
@@ -22,7 +22,11 @@ def questions() -> list[dict]:
 
 @pytest.fixture(scope="session")
 def tiny_model(tmp_path_factory, questions) -> Path:
-    corpus = [q["question"] + " " + q["answer"] for q in tiny.gsm8k_questions(200)] + [REFERENCE_INSTRUCTION, "You are a careful math tutor .", "The answer is 18 ."]
+    corpus = [q["question"] + " " + q["answer"] for q in tiny.gsm8k_questions(200)] + [
+        REFERENCE_INSTRUCTION,
+        "You are a careful math tutor .",
+        "The answer is 18 .",
+    ]
     return tiny.build_model(tmp_path_factory.mktemp("tiny-llama"), corpus)
 
 

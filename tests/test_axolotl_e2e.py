@@ -17,7 +17,12 @@ def axolotl(command: str, config: Path, *extra: str) -> str:
     env = dict(os.environ, PATH=f"{Path(sys.executable).parent}:{os.environ['PATH']}")
     done = subprocess.run(
         [sys.executable, "-m", "axolotl.cli.main", command, str(config), *extra],
-        cwd=config.parent, env=env, capture_output=True, text=True, timeout=600,
+        cwd=config.parent,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        check=False,
     )
     log = done.stdout + done.stderr
     assert done.returncode == 0, log[-4000:]
@@ -30,7 +35,11 @@ def write_config(tmp: Path, model: Path, questions: list[dict], **overrides) -> 
     cfg = {
         "base_model": str(model),
         "plugins": ["axolotl_upft.UPFTPlugin"],
-        "upft": {"prefix_length": 6, "structure_ratio": 0.25, "sampling": {"max_new_tokens": 16, "batch_size": 8}},
+        "upft": {
+            "prefix_length": 6,
+            "structure_ratio": 0.25,
+            "sampling": {"max_new_tokens": 16, "batch_size": 8},
+        },
         "datasets": [{"path": str(data), "type": "upft"}],
         "dataset_prepared_path": str(tmp / "prepared"),
         "output_dir": str(tmp / "out"),
@@ -87,7 +96,9 @@ def test_preprocess_then_train_with_the_plugin(packing, tmp_path, tiny_model, ti
         config.write_text(yaml.safe_dump(cfg))
     log = axolotl("preprocess", config, "--debug", "--debug-num-examples", "24")
     assert "UPFT sampling" in log
-    assert "assistant(-100," in log and "<|im_end|>(3, 3)" in log, "--debug shows the masked prompt and trained EOS"
+    assert "assistant(-100," in log and "<|im_end|>(3, 3)" in log, (
+        "--debug shows the masked prompt and trained EOS"
+    )
     _, rows = prepared_rows(tmp_path)
     assert len(rows) == 24
     assert_mask_rules(rows, tiny_tokenizer, k=6)
@@ -111,7 +122,9 @@ def test_changing_an_upft_setting_makes_a_new_prepared_dataset(tmp_path, tiny_mo
     cfg["plugins"] = ["upft.UPFTPlugin"]
     config.write_text(yaml.safe_dump(cfg))
     log = axolotl("preprocess", config)
-    prepared = sorted(p.name for p in (tmp_path / "prepared").iterdir() if p.is_dir() and p.name != "upft_samples")
+    prepared = sorted(
+        p.name for p in (tmp_path / "prepared").iterdir() if p.is_dir() and p.name != "upft_samples"
+    )
     assert len(prepared) == 2 and first.name in prepared
     assert "UPFT sampling" not in log, "prefix_eos does not change the samples: the sample cache serves them"
 
@@ -121,7 +134,11 @@ def test_a_plugin_that_fails_to_import_stops_the_run(tmp_path, tiny_model, quest
     env = dict(os.environ, PATH=f"{Path(sys.executable).parent}:{os.environ['PATH']}")
     done = subprocess.run(
         [sys.executable, "-m", "axolotl.cli.main", "preprocess", str(config)],
-        env=env, capture_output=True, text=True, timeout=300,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
     )
     assert done.returncode != 0
     assert "NoSuchPlugin" in done.stdout + done.stderr

@@ -5,7 +5,7 @@ import json
 import pytest
 from axolotl.utils.dict import DictDefault
 
-from axolotl_upft import sampler
+from axolotl_upft import generation
 from axolotl_upft.args import UPFTConfig
 from axolotl_upft.dataset import build_rows
 
@@ -14,7 +14,7 @@ from axolotl_upft.dataset import build_rows
 def counted(monkeypatch):
     """Counts the questions each generate_batch call samples; optionally crashes after N batches."""
     state = {"questions": 0, "batches": 0, "crash_after": None}
-    real = sampler.generate_batch
+    real = generation.generate_batch
 
     def generate(model, prompts, **kwargs):
         if state["crash_after"] is not None and state["batches"] >= state["crash_after"]:
@@ -23,17 +23,23 @@ def counted(monkeypatch):
         state["questions"] += len(prompts)
         return real(model, prompts, **kwargs)
 
-    monkeypatch.setattr(sampler, "generate_batch", generate)
+    monkeypatch.setattr(generation, "generate_batch", generate)
     return state
 
 
 def run(questions, model, tokenizer, cache, **upft):
-    upft = {"prefix_length": 4, "structure_ratio": 0.25, "sampling": {"max_new_tokens": 12, "batch_size": 4}} | upft
+    upft = {
+        "prefix_length": 4,
+        "structure_ratio": 0.25,
+        "sampling": {"max_new_tokens": 12, "batch_size": 4},
+    } | upft
     cfg = DictDefault({"base_model": str(model), "sequence_len": 256})
     return build_rows(questions[:16], tokenizer, cfg, UPFTConfig(cache_dir=str(cache), **upft))
 
 
-def test_second_run_samples_nothing_and_builds_the_same_rows(questions, tiny_model, tiny_tokenizer, tmp_path, counted):
+def test_second_run_samples_nothing_and_builds_the_same_rows(
+    questions, tiny_model, tiny_tokenizer, tmp_path, counted
+):
     first = run(questions, tiny_model, tiny_tokenizer, tmp_path)
     assert counted["questions"] == 16
     second = run(questions, tiny_model, tiny_tokenizer, tmp_path)
@@ -62,11 +68,17 @@ def test_any_setting_that_changes_samples_starts_a_new_cache(
     assert len(list(tmp_path.iterdir())) == 2
 
 
-def test_settings_that_only_shape_rows_reuse_the_samples(questions, tiny_model, tiny_tokenizer, tmp_path, counted):
+def test_settings_that_only_shape_rows_reuse_the_samples(
+    questions, tiny_model, tiny_tokenizer, tmp_path, counted
+):
     run(questions, tiny_model, tiny_tokenizer, tmp_path)
     rows = run(questions, tiny_model, tiny_tokenizer, tmp_path, prefix_eos=False, prefix_instruction=None)
     assert counted["questions"] == 16
-    assert all(r.input_ids[-1] != tiny_tokenizer.eos_token_id for r in rows if r.kind == "prefix" and r.num_trained == 4)
+    assert all(
+        r.input_ids[-1] != tiny_tokenizer.eos_token_id
+        for r in rows
+        if r.kind == "prefix" and r.num_trained == 4
+    )
 
 
 def test_interrupted_run_resumes_with_the_missing_questions_only(
@@ -88,7 +100,7 @@ def test_a_corrupt_or_foreign_file_in_the_cache_is_an_error_never_reused(
 ):
     run(questions, tiny_model, tiny_tokenizer, tmp_path)
     (run_dir,) = tmp_path.iterdir()
-    part = sorted(run_dir.glob("part-*.jsonl"))[0]
+    part = min(run_dir.glob("part-*.jsonl"))
     part.write_text(part.read_text()[:-20])
     with pytest.raises(RuntimeError, match=f"{part.name} is corrupt.*Delete it"):
         run(questions, tiny_model, tiny_tokenizer, tmp_path)
@@ -102,7 +114,9 @@ def test_summary_counts_questions_kinds_and_tokens(questions, tiny_model, tiny_t
     run(questions, tiny_model, tiny_tokenizer, tmp_path)
     (run_dir,) = tmp_path.iterdir()
     summary = json.loads((run_dir / "summary.json").read_text())
-    records = [json.loads(line) for p in run_dir.glob("part-*.jsonl") for line in p.read_text().splitlines()[1:]]
+    records = [
+        json.loads(line) for p in run_dir.glob("part-*.jsonl") for line in p.read_text().splitlines()[1:]
+    ]
     assert (summary["questions"], summary["prefix"], summary["full"]) == (16, 12, 4)
     assert summary["tokens_generated"] == sum(len(r["ids"]) for r in records)
     assert all(len(r["ids"]) <= 4 for r in records if r["kind"] == "prefix")

@@ -27,18 +27,33 @@ def setup(tmp_path_factory):
     corpus = [row["question"] + " " + row["answer"] for row in rows] + [REFERENCE_INSTRUCTION]
     model = build_model(tmp / "model", corpus)
     recipe = yaml.safe_load((ROOT / "bench" / "compare.yml").read_text())["recipe"]
-    recipe = {**recipe, "sequence_len": 256, "gradient_accumulation_steps": 1,
-              "upft": {**recipe["upft"], "sampling": {"temperature": 1.0, "max_new_tokens": 8, "batch_size": 4}}}
+    recipe = {
+        **recipe,
+        "sequence_len": 256,
+        "gradient_accumulation_steps": 1,
+        "upft": {**recipe["upft"], "sampling": {"temperature": 1.0, "max_new_tokens": 8, "batch_size": 4}},
+    }
     config = {
-        "model": str(model), "task": TASK, "output": str(tmp / "runs"), "results": str(tmp / "results"),
-        "max_new_tokens": 8, "eval_batch_size": 4,
-        "train_questions": 8, "validation_questions": 4, "test_questions": 6,
+        "model": str(model),
+        "task": TASK,
+        "output": str(tmp / "runs"),
+        "results": str(tmp / "results"),
+        "max_new_tokens": 8,
+        "eval_batch_size": 4,
+        "train_questions": 8,
+        "validation_questions": 4,
+        "test_questions": 6,
         "analyze": {"questions": 4, "samples": 3, "lengths": [2, 4], "max_new_tokens": 8},
         "recipe": recipe,
-        "tune": [{"prefix_length": "analyze", "structure_ratio": 0.25, "learning_rate": 1.0e-4, "num_epochs": 1},
-                 {"prefix_length": 2, "structure_ratio": 0.25, "learning_rate": 1.0e-3, "num_epochs": 1}],
-        "arms": {"sft": {"upft": {"mode": "sft"}}, "rft": {"upft": {"mode": "rft", "num_samples": 2}},
-                 "upft_label_filter": {"upft": {"label_filter": True, "num_samples": 2}}},
+        "tune": [
+            {"prefix_length": "analyze", "structure_ratio": 0.25, "learning_rate": 1.0e-4, "num_epochs": 1},
+            {"prefix_length": 2, "structure_ratio": 0.25, "learning_rate": 1.0e-3, "num_epochs": 1},
+        ],
+        "arms": {
+            "sft": {"upft": {"mode": "sft"}},
+            "rft": {"upft": {"mode": "rft", "num_samples": 2}},
+            "upft_label_filter": {"upft": {"label_filter": True, "num_samples": 2}},
+        },
     }
     path = tmp / "compare.yml"
     path.write_text(yaml.safe_dump(config))
@@ -47,8 +62,15 @@ def setup(tmp_path_factory):
 
 def run_compare(path: Path, cwd: Path) -> str:
     env = {**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
-    done = subprocess.run([sys.executable, str(ROOT / "bench" / "compare.py"), str(path)], cwd=cwd, env=env, check=False,
-                          capture_output=True, text=True, timeout=3600)
+    done = subprocess.run(
+        [sys.executable, str(ROOT / "bench" / "compare.py"), str(path)],
+        cwd=cwd,
+        env=env,
+        check=False,
+        capture_output=True,
+        text=True,
+        timeout=3600,
+    )
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     return done.stdout
 
@@ -61,9 +83,16 @@ def test_every_arm_is_trained_evaluated_and_reported_then_a_rerun_redoes_nothing
     arms = {entry["arm"]: entry for entry in report["arms"]}
     # RFT and label_filter drop questions with no correct sample; a random model may solve none.
     assert {"base", "upft", "sft"} <= set(arms) and set(arms) | set(report["skipped"]) == {
-        "base", "upft", "sft", "rft", "upft_label_filter"}
+        "base",
+        "upft",
+        "sft",
+        "rft",
+        "upft_label_filter",
+    }
     for arm, entry in arms.items():
-        rows = [json.loads(line) for line in (results / "rows" / f"{arm}.test.jsonl").read_text().splitlines()]
+        rows = [
+            json.loads(line) for line in (results / "rows" / f"{arm}.test.jsonl").read_text().splitlines()
+        ]
         assert entry["n"] == len(rows) == 6
         assert entry["flexible"]["correct"] == sum(r["correct_flexible"] for r in rows)
         low, high = entry["flexible"]["wilson95"]
@@ -76,8 +105,10 @@ def test_every_arm_is_trained_evaluated_and_reported_then_a_rerun_redoes_nothing
             assert entry["wall_s"]["train"] > 0
     tune = json.loads((results / "tune.json").read_text())
     assert len(tune["settings"]) == 2 and tune["best"] in tune["settings"]
-    assert tune["settings"][0]["setting"]["prefix_length"] == json.loads(
-        (results / "analysis" / "base.json").read_text())["suggested_k"]
+    assert (
+        tune["settings"][0]["setting"]["prefix_length"]
+        == json.loads((results / "analysis" / "base.json").read_text())["suggested_k"]
+    )
     assert set(report["coverage"]) == {"base", "upft"}
     for png in ("accuracy_vs_tokens.png", "coverage.png"):
         assert (results / png).read_bytes()[:4] == b"\x89PNG"

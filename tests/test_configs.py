@@ -16,7 +16,7 @@ GPU = {"bf16": True, "fp8": False, "tf32": True, "n_gpu": 8, "compute_capability
 
 def readme_yaml_blocks() -> list[dict]:
     text = (ROOT / "README.md").read_text()
-    return [yaml.safe_load(block) for block in re.findall(r"```yaml\n(.*?)```", text, re.S)]
+    return [yaml.safe_load(block) for block in re.findall(r"```yaml\n(.*?)```", text, re.DOTALL)]
 
 
 def validate(raw: dict):

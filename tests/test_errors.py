@@ -40,8 +40,16 @@ def test_question_field_and_template_together_is_an_error():
         ([{"question": "a b"}, {"body": "x"}], {}, r"row 1: no question found .*the row has: body"),
         ([{"question": "a b"}, {"question": "  "}], {}, r"row 1: the question \(field 'question'\) is empty"),
         ([{"question": None}], {}, r"row 0: the question .* is empty or not text"),
-        ([{"question": "a"}], {"question_field": "query"}, r"upft.question_field: row 0 has no field 'query' .*question"),
-        ([{"Body": "a"}], {"question_template": "{Body} {Question}"}, r"question_template: row 0 has no field 'Question'"),
+        (
+            [{"question": "a"}],
+            {"question_field": "query"},
+            r"upft.question_field: row 0 has no field 'query' .*question",
+        ),
+        (
+            [{"Body": "a"}],
+            {"question_template": "{Body} {Question}"},
+            r"question_template: row 0 has no field 'Question'",
+        ),
     ],
 )
 def test_bad_rows_name_the_row_and_the_fix_and_sample_nothing(

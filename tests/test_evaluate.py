@@ -9,8 +9,9 @@ import pytest
 from tiny import build_model, gsm8k_questions
 
 from axolotl_upft import evaluate as ev
+from axolotl_upft import generation
+from axolotl_upft.distributed import Distributed
 from axolotl_upft.grading import extract_answer, extract_answer_flexible, gold_answer, is_equivalent
-from axolotl_upft.samples import Distributed
 
 LIMIT = 5
 MAX_NEW = 12
@@ -27,13 +28,13 @@ def model_dir(tmp_path_factory):
 def calls(monkeypatch):
     """Prompt counts of every generate_batch call evaluate makes (real generation still runs)."""
     seen = []
-    real = ev.generate_batch
+    real = generation.generate_batch
 
     def spy(model, prompts, **kwargs):
         seen.append((threading.current_thread().name, len(prompts)))
         return real(model, prompts, **kwargs)
 
-    monkeypatch.setattr(ev, "generate_batch", spy)
+    monkeypatch.setattr(generation, "generate_batch", spy)
     return seen
 
 
@@ -72,7 +73,14 @@ def test_eval_writes_graded_rows_summary_and_table_then_a_rerun_generates_nothin
     assert summary == json.loads((arm(tmp_path, model_dir) / "gsm8k.summary.json").read_text())
     assert sum(n for _, n in calls) == LIMIT and len(calls) == 3  # batches of 2
     assert ev.read_results(tmp_path / "results.md") == [
-        [model_dir, "-", "gsm8k", str(LIMIT), f"{summary['accuracy']:.2f}", f"{summary['accuracy_flexible']:.2f}"]
+        [
+            model_dir,
+            "-",
+            "gsm8k",
+            str(LIMIT),
+            f"{summary['accuracy']:.2f}",
+            f"{summary['accuracy_flexible']:.2f}",
+        ]
     ]
 
     calls.clear()
@@ -93,7 +101,7 @@ def test_eval_writes_graded_rows_summary_and_table_then_a_rerun_generates_nothin
 
 
 def test_a_run_killed_mid_way_resumes_from_its_finished_batches(model_dir, tmp_path, monkeypatch):
-    real, seen, killed = ev.generate_batch, [], []
+    real, seen, killed = generation.generate_batch, [], []
 
     def dies_on_second_batch(model, prompts, **kwargs):
         if len(seen) == 1 and not killed:
@@ -102,7 +110,7 @@ def test_a_run_killed_mid_way_resumes_from_its_finished_batches(model_dir, tmp_p
         seen.append(len(prompts))
         return real(model, prompts, **kwargs)
 
-    monkeypatch.setattr(ev, "generate_batch", dies_on_second_batch)
+    monkeypatch.setattr(generation, "generate_batch", dies_on_second_batch)
     with pytest.raises(KeyboardInterrupt):
         run(model_dir, tmp_path)
     assert not (arm(tmp_path, model_dir) / "gsm8k.jsonl").exists()
@@ -123,7 +131,9 @@ def test_accuracy_counts_equivalent_answers_on_a_custom_jsonl_file(model_dir, tm
     )
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     reply = tokenizer("The answer is 18 .", add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
-    monkeypatch.setattr(ev, "generate_batch", lambda model, prompts, **kw: [(reply, True) for _ in prompts])
+    monkeypatch.setattr(
+        generation, "generate_batch", lambda model, prompts, **kw: [(reply, True) for _ in prompts]
+    )
 
     summary = run(model_dir, tmp_path / "out", benchmark=str(bench), limit=None)
 
@@ -190,13 +200,22 @@ def test_an_adapter_is_merged_and_gets_its_own_table_row(model_dir, tmp_path, ca
     base_rows = read_jsonl(arm(tmp_path / "out", model_dir) / "gsm8k.jsonl")
     adapter_rows = read_jsonl(arm(tmp_path / "out", model_dir, adapter) / "gsm8k.jsonl")
     assert len(base_rows) == len(adapter_rows) == 2
-    assert json.loads((arm(tmp_path / "out", model_dir, adapter) / "gsm8k.summary.json").read_text()) == summary
+    assert (
+        json.loads((arm(tmp_path / "out", model_dir, adapter) / "gsm8k.summary.json").read_text()) == summary
+    )
     assert arm(tmp_path / "out", model_dir) != arm(tmp_path / "out", model_dir, adapter)
 
 
 def test_results_table_refreshes_a_row_in_place_and_escapes_pipes(tmp_path):
     path = tmp_path / "results.md"
-    row = {"model": "a|b", "adapter": None, "benchmark": "gsm8k", "n": 3, "accuracy": 33.33, "accuracy_flexible": 40.0}
+    row = {
+        "model": "a|b",
+        "adapter": None,
+        "benchmark": "gsm8k",
+        "n": 3,
+        "accuracy": 33.33,
+        "accuracy_flexible": 40.0,
+    }
     ev.update_results(path, row)
     ev.update_results(path, {**row, "benchmark": "math500"})
     ev.update_results(path, {**row, "n": 4, "accuracy": 50.0})
@@ -234,10 +253,14 @@ def test_a_plain_sentence_answer_counts_under_the_flexible_reading_only(model_di
 
     bench = tmp_path / "data" / "sums.jsonl"
     bench.parent.mkdir()
-    bench.write_text("".join(json.dumps({"question": f"Janet has {g} eggs .", "answer": g}) + "\n" for g in ("18", "7")))
+    bench.write_text(
+        "".join(json.dumps({"question": f"Janet has {g} eggs .", "answer": g}) + "\n" for g in ("18", "7"))
+    )
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     reply = tokenizer("Janet has 7 eggs and 11 more , so 18 .", add_special_tokens=False)["input_ids"]
-    monkeypatch.setattr(ev, "generate_batch", lambda model, prompts, **kw: [(reply, True) for _ in prompts])
+    monkeypatch.setattr(
+        generation, "generate_batch", lambda model, prompts, **kw: [(reply, True) for _ in prompts]
+    )
 
     summary = run(model_dir, tmp_path / "out", benchmark=str(bench), limit=None)
 

@@ -19,8 +19,8 @@ from axolotl_upft.grading import (
     gold_answer,
     is_equivalent,
     normalize,
-    question_of,
 )
+from axolotl_upft.prompts import question_text
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 
@@ -115,10 +115,16 @@ ANSWER_PAIRS = [
     ("x^3+3x-6", "x^3+3x+6", False),
     ("x=5", "5", True),
     ("y = 2x + 3", "y=3+2x", True),
-    ("\\begin{pmatrix} -1/3 \\\\ 2/3 \\\\ 5/3 \\end{pmatrix}",
-     "\\begin{pmatrix} -\\frac13 \\\\ \\frac23 \\\\ \\frac53 \\end{pmatrix}", True),
-    ("\\begin{pmatrix} -2 \\\\ -14 \\\\ -7 \\end{pmatrix}",
-     "\\begin{pmatrix} -2 \\\\ -7 \\\\ -14 \\end{pmatrix}", False),
+    (
+        "\\begin{pmatrix} -1/3 \\\\ 2/3 \\\\ 5/3 \\end{pmatrix}",
+        "\\begin{pmatrix} -\\frac13 \\\\ \\frac23 \\\\ \\frac53 \\end{pmatrix}",
+        True,
+    ),
+    (
+        "\\begin{pmatrix} -2 \\\\ -14 \\\\ -7 \\end{pmatrix}",
+        "\\begin{pmatrix} -2 \\\\ -7 \\\\ -14 \\end{pmatrix}",
+        False,
+    ),
     ("025", "25", True),
     ("073", "37", False),
     ("27", "27.0", True),
@@ -210,8 +216,7 @@ def test_normalize_strips_only_formatting(answer, expected):
         ("#### 18\nbut then more text", None),
         ("Adding them up, the answer is 42.", "42"),
         ("The answer is 3.5", "3.5"),
-        ("Final Answer: The final answer is $\\frac{2}{3}$. I hope it is correct.",
-         "\\frac{2}{3}"),
+        ("Final Answer: The final answer is $\\frac{2}{3}$. I hope it is correct.", "\\frac{2}{3}"),
         ("**The final answer is: 17**", "17"),
         ("I computed 12 and then 15 but am not sure.", None),
         ("", None),
@@ -271,12 +276,12 @@ def test_a_user_chosen_gold_field_is_read_and_a_missing_one_names_the_fields_pre
         gold_answer({"answer": None}, "math500")
 
 
-def test_question_of_prefers_question_then_problem_then_prompt():
-    assert question_of({"problem": "p", "question": "q"}) == "q"
-    assert question_of({"problem": "p", "prompt": "x"}) == "p"
-    assert question_of({"prompt": "x"}) == "x"
-    with pytest.raises(ValueError, match="question"):
-        question_of({"answer": "1"})
+def test_benchmark_questions_are_found_as_in_training_question_then_problem_then_prompt():
+    assert question_text({"problem": "p", "question": "q"}, 0) == "q"
+    assert question_text({"problem": "p", "prompt": "x"}, 0) == "p"
+    assert question_text({"prompt": "x"}, 0) == "x"
+    with pytest.raises(ValueError, match="no question found"):
+        question_text({"answer": "1"}, 0)
 
 
 @pytest.mark.parametrize("name", sorted(BENCHMARKS))
@@ -285,7 +290,7 @@ def test_every_shipped_benchmark_resolves_and_every_row_has_a_question_and_a_gol
     rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
     assert rows
     for row in rows:
-        assert question_of(row)
+        assert question_text(row, 0)
         assert gold_answer(row, name)
 
 

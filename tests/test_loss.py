@@ -8,7 +8,8 @@ from axolotl.core.trainers.base import AxolotlTrainer
 from axolotl.core.training_args import AxolotlTrainingArguments
 from transformers import LlamaConfig, LlamaForCausalLM, Trainer, TrainingArguments
 
-from axolotl_upft.loss import count_trained_rows, per_row_mean_nll, row_ids, sample_normalized_trainer
+from axolotl_upft.loss import count_trained_rows, per_row_mean_nll, row_ids
+from axolotl_upft.trainer import sample_normalized_trainer
 
 VOCAB = 64
 PREFIX_LENGTH = 8
@@ -52,7 +53,7 @@ def rows() -> list[tuple[torch.Tensor, torch.Tensor]]:
 
 @pytest.fixture(scope="module")
 def reference(rows):
-    """Micro-batch 1, one forward per row: sample = mean of row means, token = mean over all trained tokens."""
+    """Micro-batch 1, one forward per row: sample = mean of row means, token = mean over trained tokens."""
     out = {}
     for mode in ("sample", "token"):
         model = tiny_model()
@@ -63,7 +64,11 @@ def reference(rows):
         else:
             loss = sum(row_loss * n for row_loss, n in zip(row_losses, tokens)) / sum(tokens)
         loss.backward()
-        out[mode] = {"loss": loss.detach(), "grads": grads(model), "row_losses": [x.item() for x in row_losses]}
+        out[mode] = {
+            "loss": loss.detach(),
+            "grads": grads(model),
+            "row_losses": [x.item() for x in row_losses],
+        }
     return out
 
 
@@ -102,7 +107,12 @@ def make_trainer(base, tmp_path, loss_normalization="sample", **kwargs):
         average_tokens_across_devices=base is not AxolotlTrainer,  # Axolotl turns it off
         report_to=[],
     )
-    cls = sample_normalized_trainer(base, prefix_length=PREFIX_LENGTH, loss_normalization=loss_normalization)
+    # token mode is Axolotl's own trainer, untouched: the plugin installs no trainer for it
+    cls = (
+        sample_normalized_trainer(base, prefix_length=PREFIX_LENGTH)
+        if loss_normalization == "sample"
+        else base
+    )
     return cls(model=tiny_model(), args=args, **kwargs)
 
 
@@ -199,3 +209,19 @@ def test_the_logs_carry_prefix_and_full_row_losses_and_tokens_per_step(rows, ref
 def test_sample_mode_refuses_to_be_combined_with_another_custom_loss(tmp_path):
     with pytest.raises(ValueError, match="loss_normalization: sample"):
         make_trainer(Trainer, tmp_path, compute_loss_func=lambda outputs, labels, num_items_in_batch=None: 0)
+
+
+def test_the_plugin_composes_the_mixin_for_sample_and_leaves_token_to_axolotl():
+    from axolotl.utils.dict import DictDefault
+
+    from axolotl_upft.plugin import UPFTPlugin
+    from axolotl_upft.trainer import SampleNormalizedMixin
+
+    plugin = UPFTPlugin()
+    cls = plugin.get_trainer_cls(DictDefault({"upft": {"prefix_length": PREFIX_LENGTH}}))
+    assert cls.__name__ == "UPFTAxolotlTrainer" and cls.__mro__[1:3] == (
+        SampleNormalizedMixin,
+        AxolotlTrainer,
+    )
+    assert cls.upft_prefix_length == PREFIX_LENGTH
+    assert plugin.get_trainer_cls(DictDefault({"upft": {"loss_normalization": "token"}})) is None

@@ -3,7 +3,7 @@
 import pytest
 from axolotl.utils.dict import DictDefault
 
-from axolotl_upft import sampler
+from axolotl_upft import generation
 from axolotl_upft.args import UPFTConfig
 from axolotl_upft.dataset import build_rows
 from axolotl_upft.prompts import chat_messages, render_prompt_ids
@@ -16,7 +16,11 @@ ROWS = [
 ]
 # Scripted samples per question, in sample order: row 0 is first right at sample 1, row 1 never, row 2 at 0.
 SCRIPT = {
-    "clips": ["She sold 7 . The answer is 7 .", "She had 18 . The answer is 18 .", "He had 18 . The answer is 18 ."],
+    "clips": [
+        "She sold 7 . The answer is 7 .",
+        "She had 18 . The answer is 18 .",
+        "He had 18 . The answer is 18 .",
+    ],
     "eggs": ["The answer is 7 .", "The answer is 8 .", "The answer is 10 ."],
     "cups": ["He had 4 . The answer is 4 .", "The answer is 5 .", "The answer is 4 ."],
 }
@@ -36,7 +40,7 @@ def scripted(monkeypatch, tiny_tokenizer):
             out.append((ids[:max_new_tokens], len(ids) <= max_new_tokens))
         return out
 
-    monkeypatch.setattr(sampler, "generate_batch", generate)
+    monkeypatch.setattr(generation, "generate_batch", generate)
     return lambda topic, j: [vocab[w] for w in SCRIPT[topic][j].split()] + [eos]
 
 
@@ -60,7 +64,9 @@ def test_rft_keeps_the_first_correct_full_sample_and_drops_unsolved_questions(
     assert rows[0].input_ids[: len(bare)] == bare
 
 
-def test_label_filter_trains_on_the_prefix_of_a_correct_sample(scripted, tiny_tokenizer, tiny_model, tmp_path):
+def test_label_filter_trains_on_the_prefix_of_a_correct_sample(
+    scripted, tiny_tokenizer, tiny_model, tmp_path
+):
     rows = run(tiny_tokenizer, tiny_model, tmp_path, label_filter=True, structure_ratio=0.0, prefix_length=3)
     eos = tiny_tokenizer.eos_token_id
     assert [r.kind for r in rows] == [PREFIX, PREFIX]

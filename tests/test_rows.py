@@ -16,11 +16,16 @@ def ids(tokenizer, words: str) -> list[int]:
 
 def test_prompt_is_the_chat_template_with_generation_prompt_tokenized_once(tiny_tokenizer):
     prompt = render_prompt_ids(tiny_tokenizer, chat_messages("How many clips ?", None))
-    assert prompt == ids(tiny_tokenizer, "<|im_start|> user How many clips ? <|im_end|> <|im_start|> assistant")
+    assert prompt == ids(
+        tiny_tokenizer, "<|im_start|> user How many clips ? <|im_end|> <|im_start|> assistant"
+    )
 
 
 def test_prefix_prompt_appends_the_reference_instruction_to_the_user_turn(tiny_tokenizer):
-    prompt = render_prompt_ids(tiny_tokenizer, chat_messages("How many clips ?", "You are a careful math tutor .", REFERENCE_INSTRUCTION))
+    prompt = render_prompt_ids(
+        tiny_tokenizer,
+        chat_messages("How many clips ?", "You are a careful math tutor .", REFERENCE_INSTRUCTION),
+    )
     expected = (
         "<|im_start|> system You are a careful math tutor . <|im_end|> <|im_start|> user How many clips ? "
         + " ".join(w for w in REFERENCE_INSTRUCTION.replace(".", " .").split())

@@ -32,7 +32,11 @@ def test_exact_mcnemar_is_the_two_sided_binomial_tail_of_the_discordant_pairs():
 def test_paired_counts_only_the_questions_one_arm_got_right():
     base = [True, True, False, False, True]
     arm = [True, False, True, True, True]
-    assert paired(base, arm) == {"difference_pp": 20.0, "only_base": 1, "only_arm": 2,
-                                 "mcnemar_p": mcnemar_exact(1, 2)}
+    assert paired(base, arm) == {
+        "difference_pp": 20.0,
+        "only_base": 1,
+        "only_arm": 2,
+        "mcnemar_p": mcnemar_exact(1, 2),
+    }
     with pytest.raises(ValueError, match="same questions"):
         paired(base, arm[:3])

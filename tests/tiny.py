@@ -65,5 +65,7 @@ def build_model(out: Path, corpus: list[str], *, hidden: int = 32, layers: int =
         tie_word_embeddings=True,
     )
     LlamaForCausalLM(config).save_pretrained(out)
-    GenerationConfig(eos_token_id=tokenizer.eos_token_id, do_sample=True, top_p=0.95, top_k=20).save_pretrained(out)
+    GenerationConfig(
+        eos_token_id=tokenizer.eos_token_id, do_sample=True, top_p=0.95, top_k=20
+    ).save_pretrained(out)
     return out

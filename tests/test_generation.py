@@ -1,4 +1,4 @@
-"""Batch sizes and the static KV cache of the hf backend: sizes per kind, memory estimate, same samples."""
+"""The generation backends: batch sizes per kind, memory estimate, static KV cache, the candidate sampler."""
 
 import json
 
@@ -6,39 +6,50 @@ import pytest
 import torch
 from axolotl.utils.dict import DictDefault
 
-from axolotl_upft import sampler
+from axolotl_upft import generation
 from axolotl_upft.args import UPFTConfig
 from axolotl_upft.dataset import build_rows
-from axolotl_upft.samples import Question, plan_batches
 
 # The public Qwen2.5-0.5B and Qwen2.5-7B shapes (config.json keys the estimate reads)
-QWEN_05B = {"hidden_size": 896, "num_hidden_layers": 24, "num_attention_heads": 14, "num_key_value_heads": 2,
-            "intermediate_size": 4864, "vocab_size": 151936}
-QWEN_7B = {"hidden_size": 3584, "num_hidden_layers": 28, "num_attention_heads": 28, "num_key_value_heads": 4,
-           "intermediate_size": 18944, "vocab_size": 152064}
+QWEN_05B = {
+    "hidden_size": 896,
+    "num_hidden_layers": 24,
+    "num_attention_heads": 14,
+    "num_key_value_heads": 2,
+    "intermediate_size": 4864,
+    "vocab_size": 151936,
+}
+QWEN_7B = {
+    "hidden_size": 3584,
+    "num_hidden_layers": 28,
+    "num_attention_heads": 28,
+    "num_key_value_heads": 4,
+    "intermediate_size": 18944,
+    "vocab_size": 152064,
+}
 GIB = 2**30
 
 
 def test_rows_that_fit_counts_kv_cache_prefill_and_logits_bytes():
     # 0.5B, 160-token prompts, k = 32, bf16: KV 2*24*2*64*192*2 = 2,359,296; prefill 160*(4*896+3*4864)*2
     # + 14*160*160*2 = 5,816,320 + 716,800; logits 4*151936*4 = 2,430,976: 11,323,392 bytes a row
-    assert sampler.rows_that_fit(QWEN_05B, width=160, new_tokens=32, memory_bytes=11_323_392 * 100) == 100
-    assert sampler.rows_that_fit(QWEN_05B, width=160, new_tokens=32, memory_bytes=11_323_391 * 100) == 99
-    assert sampler.rows_that_fit(QWEN_05B, width=160, new_tokens=32, memory_bytes=1) == 1
+    assert generation.rows_that_fit(QWEN_05B, width=160, new_tokens=32, memory_bytes=11_323_392 * 100) == 100
+    assert generation.rows_that_fit(QWEN_05B, width=160, new_tokens=32, memory_bytes=11_323_391 * 100) == 99
+    assert generation.rows_that_fit(QWEN_05B, width=160, new_tokens=32, memory_bytes=1) == 1
 
 
 def test_prefix_rows_fit_far_more_than_full_rows_and_bigger_models_fewer():
     memory = 32 * GIB
-    prefix = sampler.rows_that_fit(QWEN_7B, width=160, new_tokens=32, memory_bytes=memory)
-    full = sampler.rows_that_fit(QWEN_7B, width=160, new_tokens=16384, memory_bytes=memory)
-    small = sampler.rows_that_fit(QWEN_05B, width=160, new_tokens=32, memory_bytes=memory)
+    prefix = generation.rows_that_fit(QWEN_7B, width=160, new_tokens=32, memory_bytes=memory)
+    full = generation.rows_that_fit(QWEN_7B, width=160, new_tokens=16384, memory_bytes=memory)
+    small = generation.rows_that_fit(QWEN_05B, width=160, new_tokens=32, memory_bytes=memory)
     assert 500 < prefix < 2048 and full < 64 and small > 2048
 
 
 def test_text_config_of_multimodal_configs_is_read():
-    assert sampler.rows_that_fit({"text_config": QWEN_05B}, width=160, new_tokens=32, memory_bytes=GIB) == (
-        sampler.rows_that_fit(QWEN_05B, width=160, new_tokens=32, memory_bytes=GIB)
-    )
+    assert generation.rows_that_fit(
+        {"text_config": QWEN_05B}, width=160, new_tokens=32, memory_bytes=GIB
+    ) == (generation.rows_that_fit(QWEN_05B, width=160, new_tokens=32, memory_bytes=GIB))
 
 
 @pytest.mark.parametrize(
@@ -53,35 +64,36 @@ def test_text_config_of_multimodal_configs_is_read():
 @pytest.mark.skipif(torch.cuda.is_available(), reason="CPU defaults")
 def test_batch_sizes_per_kind_on_cpu(sampling, expected, tiny_model):
     upft = UPFTConfig(sampling=sampling)
-    sizes = sampler.resolve_batch_sizes(upft.sampling, "hf", str(tiny_model), {"prefix": 40, "full": 40},
-                                        {"prefix": 32, "full": 1024})
+    sizes = generation.resolve_batch_sizes(
+        upft.sampling, "hf", str(tiny_model), {"prefix": 40, "full": 40}, {"prefix": 32, "full": 1024}
+    )
     assert sizes == expected
 
 
-def test_plan_batches_uses_each_kinds_size():
-    questions = [Question(i, "", [1] * (i % 5 + 1), "prefix" if i % 4 else "full") for i in range(40)]
-    batches = plan_batches(questions, {"prefix": 8, "full": 3})
-    assert [len(b) for b in batches] == [8, 8, 8, 6, 3, 3, 3, 1]
-    assert all(len({q.kind for q in b}) == 1 for b in batches)
-    assert sorted(q.index for b in batches for q in b) == list(range(40))
-    assert plan_batches(questions, 8) == plan_batches(questions, {"prefix": 8, "full": 8})
-
-
 def test_static_width_pads_prompts_to_a_multiple_of_64():
-    assert [sampler.pad_width(w, "static") for w in (1, 64, 65, 160)] == [64, 64, 128, 192]
-    assert sampler.pad_width(65, "dynamic") == 65
+    assert [generation.pad_width(w, "static") for w in (1, 64, 65, 160)] == [64, 64, 128, 192]
+    assert generation.pad_width(65, "dynamic") == 65
 
 
-def test_static_kv_cache_draws_the_same_greedy_samples_as_the_dynamic_one(tiny_model, tiny_tokenizer, questions):
+def test_static_kv_cache_draws_the_same_greedy_samples_as_the_dynamic_one(
+    tiny_model, tiny_tokenizer, questions
+):
     from axolotl_upft.prompts import chat_messages, render_prompt_ids
 
-    model = sampler.load_model(str(tiny_model), torch.device("cpu"))
+    model = generation.load_model(str(tiny_model), torch.device("cpu"))
     prompts = [render_prompt_ids(tiny_tokenizer, chat_messages(q["question"], None)) for q in questions[:6]]
     assert len({len(p) for p in prompts}) > 1, "prompts of different widths exercise the left padding"
-    options = {"max_new_tokens": 12, "stop_ids": frozenset({tiny_tokenizer.eos_token_id}),
-               "pad_id": tiny_tokenizer.pad_token_id, "temperature": 0.0, "top_p": None, "top_k": None, "seed": 0}
-    dynamic = sampler.generate_batch(model, prompts, **options)
-    static = sampler.generate_batch(model, prompts, cache_implementation="static", **options)
+    options = {
+        "max_new_tokens": 12,
+        "stop_ids": frozenset({tiny_tokenizer.eos_token_id}),
+        "pad_id": tiny_tokenizer.pad_token_id,
+        "temperature": 0.0,
+        "top_p": None,
+        "top_k": None,
+        "seed": 0,
+    }
+    dynamic = generation.generate_batch(model, prompts, **options)
+    static = generation.generate_batch(model, prompts, cache_implementation="static", **options)
     assert static == dynamic
     assert all(len(ids) > 0 for ids, _ in dynamic)
 
@@ -90,18 +102,30 @@ def test_prefix_batch_size_and_static_cache_reach_the_sampler_through_the_upft_b
     questions, tiny_model, tiny_tokenizer, tmp_path, monkeypatch
 ):
     seen = []
-    real = sampler.generate_batch
+    real = generation.generate_batch
 
     def spy(model, prompts, **kwargs):
         seen.append((len(prompts), kwargs["max_new_tokens"], kwargs["cache_implementation"]))
         return real(model, prompts, **kwargs)
 
-    monkeypatch.setattr(sampler, "generate_batch", spy)
-    upft = UPFTConfig(cache_dir=str(tmp_path), prefix_length=4, structure_ratio=0.25,
-                      sampling={"max_new_tokens": 12, "batch_size": 2, "prefix_batch_size": 5,
-                                "cache_implementation": "static"})
-    rows = build_rows(questions[:12], tiny_tokenizer,
-                      DictDefault({"base_model": str(tiny_model), "sequence_len": 256}), upft)
+    monkeypatch.setattr(generation, "generate_batch", spy)
+    upft = UPFTConfig(
+        cache_dir=str(tmp_path),
+        prefix_length=4,
+        structure_ratio=0.25,
+        sampling={
+            "max_new_tokens": 12,
+            "batch_size": 2,
+            "prefix_batch_size": 5,
+            "cache_implementation": "static",
+        },
+    )
+    rows = build_rows(
+        questions[:12],
+        tiny_tokenizer,
+        DictDefault({"base_model": str(tiny_model), "sequence_len": 256}),
+        upft,
+    )
     assert len(rows) == 12
     assert seen == [(5, 4, "static"), (4, 4, "static"), (2, 12, "static"), (1, 12, "static")]
     summary = json.loads(next(tmp_path.glob("*/summary.json")).read_text())
@@ -110,7 +134,11 @@ def test_prefix_batch_size_and_static_cache_reach_the_sampler_through_the_upft_b
 
 def chain(scores, temperature, top_k, top_p):
     """transformers' own warper chain, as `generate` builds it from temperature, top_k and top_p."""
-    from transformers.generation.logits_process import TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
+    from transformers.generation.logits_process import (
+        TemperatureLogitsWarper,
+        TopKLogitsWarper,
+        TopPLogitsWarper,
+    )
 
     scores = TemperatureLogitsWarper(temperature)(None, scores)
     if top_k:
@@ -127,7 +155,7 @@ def test_one_pass_warper_keeps_what_the_transformers_chain_keeps(top_k, top_p, s
     # the nucleus spans most of the vocabulary and the warper falls back to the chain
     torch.manual_seed(0)
     scores = torch.randn(64, 151936) * spread
-    fast = sampler.CandidateSampler(0.6, top_k, top_p).warp(scores.clone())
+    fast = generation.CandidateSampler(0.6, top_k, top_p).warp(scores.clone())
     expected = chain(scores.clone(), 0.6, top_k, top_p)
     assert torch.equal(fast.isinf(), expected.isinf())
     assert torch.equal(fast[~fast.isinf()], expected[~expected.isinf()])
@@ -137,13 +165,13 @@ def test_one_pass_warper_keeps_what_the_transformers_chain_keeps(top_k, top_p, s
 
 def test_one_pass_warper_keeps_tokens_tied_at_the_kth_value_like_the_chain_within_its_window():
     scores = torch.tensor([[4.0, 3.0, 3.0, 3.0, 1.0, 0.0]])
-    fast = sampler.CandidateSampler(1.0, 2, 0.99).warp(scores.clone())
+    fast = generation.CandidateSampler(1.0, 2, 0.99).warp(scores.clone())
     assert torch.equal(fast, chain(scores.clone(), 1.0, 2, 0.99))
     assert (~fast.isinf()).sum() == 4
     # bf16 logits tie often; ties beyond k + max(k, TIE_WINDOW) tokens are the one documented difference
     flat = torch.cat([torch.tensor([[5.0]]), torch.full((1, 40), 3.0), torch.zeros(1, 10)], dim=-1)
-    kept = (~sampler.CandidateSampler(1.0, 2, 1.0).warp(flat).isinf()).sum()
-    assert kept == 2 + sampler.TIE_WINDOW and (~chain(flat.clone(), 1.0, 2, 1.0).isinf()).sum() == 41
+    kept = (~generation.CandidateSampler(1.0, 2, 1.0).warp(flat).isinf()).sum()
+    assert kept == 2 + generation.TIE_WINDOW and (~chain(flat.clone(), 1.0, 2, 1.0).isinf()).sum() == 41
 
 
 @pytest.mark.parametrize(("top_k", "top_p"), [(20, 0.8), (0, 0.9), (0, 1.0), (8, 1.0)])
@@ -153,7 +181,7 @@ def test_candidate_sampler_draws_from_the_warped_softmax(top_k, top_p):
     draws = 40_000
     expected = chain(logits.clone(), 0.6, top_k, top_p).softmax(-1)[0]
     torch.manual_seed(2)
-    one_hot = sampler.CandidateSampler(0.6, top_k, top_p)(None, logits.expand(draws, -1).clone())
+    one_hot = generation.CandidateSampler(0.6, top_k, top_p)(None, logits.expand(draws, -1).clone())
     assert torch.equal((one_hot == 0).sum(-1), torch.ones(draws, dtype=torch.long)), "one token per row"
     assert bool(one_hot[one_hot != 0].isinf().all())
     frequency = torch.bincount(one_hot.argmax(-1), minlength=500) / draws
@@ -167,21 +195,30 @@ def test_candidate_sampler_draws_from_the_warped_softmax(top_k, top_p):
 def test_sampling_is_seeded_and_greedy_matches_transformers_greedy(tiny_model, tiny_tokenizer, questions):
     from axolotl_upft.prompts import chat_messages, render_prompt_ids
 
-    model = sampler.load_model(str(tiny_model), torch.device("cpu"))
+    model = generation.load_model(str(tiny_model), torch.device("cpu"))
     prompts = [render_prompt_ids(tiny_tokenizer, chat_messages(q["question"], None)) for q in questions[:8]]
     eos, pad = tiny_tokenizer.eos_token_id, tiny_tokenizer.pad_token_id
     options = {"max_new_tokens": 16, "stop_ids": frozenset({eos}), "pad_id": pad, "top_p": 0.9, "top_k": 20}
-    first = sampler.generate_batch(model, prompts, temperature=0.7, seed=3, **options)
-    assert sampler.generate_batch(model, prompts, temperature=0.7, seed=3, **options) == first
-    assert sampler.generate_batch(model, prompts, temperature=0.7, seed=4, **options) != first
-    ids, mask = sampler.left_pad(prompts, pad, model.device)
-    out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=16, eos_token_id=eos, pad_token_id=pad,
-                         do_sample=False, repetition_penalty=1.0)
-    greedy = [sampler.cut_at_stop(row, frozenset({eos})) for row in out[:, ids.shape[1]:].tolist()]
-    assert sampler.generate_batch(model, prompts, temperature=0.0, seed=0, **options) == greedy
+    first = generation.generate_batch(model, prompts, temperature=0.7, seed=3, **options)
+    assert generation.generate_batch(model, prompts, temperature=0.7, seed=3, **options) == first
+    assert generation.generate_batch(model, prompts, temperature=0.7, seed=4, **options) != first
+    ids, mask = generation.left_pad(prompts, pad, model.device)
+    out = model.generate(
+        input_ids=ids,
+        attention_mask=mask,
+        max_new_tokens=16,
+        eos_token_id=eos,
+        pad_token_id=pad,
+        do_sample=False,
+        repetition_penalty=1.0,
+    )
+    greedy = [generation.cut_at_stop(row, frozenset({eos})) for row in out[:, ids.shape[1] :].tolist()]
+    assert generation.generate_batch(model, prompts, temperature=0.0, seed=0, **options) == greedy
 
 
-def test_generation_config_repetition_penalty_is_not_applied_unless_set(tiny_model, tiny_tokenizer, tmp_path, questions):
+def test_generation_config_repetition_penalty_is_not_applied_unless_set(
+    tiny_model, tiny_tokenizer, tmp_path, questions
+):
     import shutil
 
     from axolotl_upft.prompts import chat_messages, render_prompt_ids
@@ -191,12 +228,21 @@ def test_generation_config_repetition_penalty_is_not_applied_unless_set(tiny_mod
     config = json.loads((penalised / "generation_config.json").read_text())
     (penalised / "generation_config.json").write_text(json.dumps(config | {"repetition_penalty": 5.0}))
     prompts = [render_prompt_ids(tiny_tokenizer, chat_messages(q["question"], None)) for q in questions[:4]]
-    options = {"max_new_tokens": 12, "stop_ids": frozenset({tiny_tokenizer.eos_token_id}),
-               "pad_id": tiny_tokenizer.pad_token_id, "temperature": 0.0, "top_p": None, "top_k": None, "seed": 0}
-    plain = sampler.generate_batch(sampler.load_model(str(tiny_model), torch.device("cpu")), prompts, **options)
-    model = sampler.load_model(str(penalised), torch.device("cpu"))
-    assert sampler.generate_batch(model, prompts, **options) == plain
-    assert sampler.generate_batch(model, prompts, repetition_penalty=5.0, **options) != plain
+    options = {
+        "max_new_tokens": 12,
+        "stop_ids": frozenset({tiny_tokenizer.eos_token_id}),
+        "pad_id": tiny_tokenizer.pad_token_id,
+        "temperature": 0.0,
+        "top_p": None,
+        "top_k": None,
+        "seed": 0,
+    }
+    plain = generation.generate_batch(
+        generation.load_model(str(tiny_model), torch.device("cpu")), prompts, **options
+    )
+    model = generation.load_model(str(penalised), torch.device("cpu"))
+    assert generation.generate_batch(model, prompts, **options) == plain
+    assert generation.generate_batch(model, prompts, repetition_penalty=5.0, **options) != plain
 
 
 @pytest.mark.parametrize(("top_k", "top_p"), [(20, 0.8), (50, 0.95), (20, 1.0)])
@@ -205,7 +251,7 @@ def test_one_pass_warper_matches_the_chain_on_bf16_logits_full_of_ties(top_k, to
     scores = (torch.randn(256, 151936) * 2.0).bfloat16().float()  # what generate gets from a bf16 lm_head
     top = scores.topk(top_k + 1).values
     assert bool((top[:, top_k - 1] == top[:, top_k]).any()), "some rows tie at the k-th score"
-    fast = sampler.CandidateSampler(0.6, top_k, top_p).warp(scores.clone())
+    fast = generation.CandidateSampler(0.6, top_k, top_p).warp(scores.clone())
     expected = chain(scores.clone(), 0.6, top_k, top_p)
     # which of several tokens tied at the top-p boundary stays is the sort's choice in transformers too:
     # the same number of tokens, with the same scores, per row

@@ -9,6 +9,9 @@ from pathlib import Path
 import torch
 from transformers import LogitsProcessorList
 
+from .cache import weight_files
+from .rows import FULL, PREFIX, cut_at_stop
+
 LOG = logging.getLogger(__name__)
 AUTO_BATCH = {"cuda": 256, "cpu": 16}  # full-trace batches; on a GPU also capped by what fits in memory
 PREFIX_BATCH_CAP = 2048  # prefix batches hold only prompt + k tokens, so on a GPU they grow up to this
@@ -18,7 +21,7 @@ STATIC_WIDTH = 64  # with a static KV cache, prompt widths are padded to a multi
 
 def sampling_device() -> torch.device:
     if torch.cuda.is_available():
-        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
     return torch.device("cpu")
 
 
@@ -40,7 +43,9 @@ def resolve_batch_size(batch_size: int | None, backend: str) -> int:
     return AUTO_BATCH[sampling_device().type]
 
 
-def rows_that_fit(model_config: dict, *, width: int, new_tokens: int, memory_bytes: float, dtype_bytes: int = 2) -> int:
+def rows_that_fit(
+    model_config: dict, *, width: int, new_tokens: int, memory_bytes: float, dtype_bytes: int = 2
+) -> int:
     """Rows of one `generate` batch that fit in `memory_bytes`: the KV cache of width + new_tokens positions,
     the prefill's activations of one layer (hidden states, q/k/v, MLP, attention scores) and the last
     position's logits in fp32 (logits, processed scores, probabilities and a sort buffer)."""
@@ -56,31 +61,43 @@ def rows_that_fit(model_config: dict, *, width: int, new_tokens: int, memory_byt
 
 
 def weight_bytes(base_model: str) -> int:
-    path = Path(base_model)
-    return sum(f.stat().st_size for f in path.glob("*.safetensors")) or sum(f.stat().st_size for f in path.glob("*.bin"))
+    return sum(f.stat().st_size for f in weight_files(Path(base_model)))
 
 
-def resolve_batch_sizes(sampling, backend: str, base_model: str, widths: dict[str, int], limits: dict[str, int]) -> dict[str, int]:
-    """Questions per batch for each kind (prefix, full). Set sizes win (`prefix_batch_size`, else `batch_size`);
-    on a GPU the auto size is the most rows that fit in MEMORY_SHARE of the memory left after the weights,
-    up to PREFIX_BATCH_CAP for prefixes and AUTO_BATCH for full traces. It is computed from the device's
-    total memory and the model's config, never from free memory, so every rank plans the same batches."""
+def resolve_batch_sizes(
+    sampling, backend: str, base_model: str, widths: dict[str, int], limits: dict[str, int]
+) -> dict[str, int]:
+    """Questions per batch for each kind (prefix, full). Set sizes win (`prefix_batch_size`, else
+    `batch_size`); on a GPU the auto size is what `memory_fits` allows, up to PREFIX_BATCH_CAP for prefixes
+    and AUTO_BATCH for full traces. `widths` must cover every question, cached or not, so a plan never
+    depends on the cache."""
     full = resolve_batch_size(sampling.batch_size, backend)
     sizes = {kind: full for kind in widths}
-    if "prefix" in sizes and sampling.prefix_batch_size is not None:
-        sizes["prefix"] = sampling.prefix_batch_size
-    device = sampling_device()
-    if backend == "vllm" or device.type != "cuda" or not Path(base_model, "config.json").is_file():
-        return sizes
-    config = json.loads(Path(base_model, "config.json").read_text())
-    memory = (torch.cuda.get_device_properties(device).total_memory - weight_bytes(base_model)) * MEMORY_SHARE
-    for kind, width in widths.items():
-        fit = rows_that_fit(config, width=width, new_tokens=limits[kind], memory_bytes=memory)
-        if kind == "prefix" and sampling.prefix_batch_size is None and sampling.batch_size is None:
+    if PREFIX in sizes and sampling.prefix_batch_size is not None:
+        sizes[PREFIX] = sampling.prefix_batch_size
+    for kind, fit in memory_fits(backend, base_model, widths, limits).items():
+        if kind == PREFIX and sampling.prefix_batch_size is None and sampling.batch_size is None:
             sizes[kind] = min(PREFIX_BATCH_CAP, fit)
-        elif kind == "full" and sampling.batch_size is None:
+        elif kind == FULL and sampling.batch_size is None:
             sizes[kind] = min(AUTO_BATCH["cuda"], fit)
     return sizes
+
+
+def memory_fits(
+    backend: str, base_model: str, widths: dict[str, int], limits: dict[str, int]
+) -> dict[str, int]:
+    """Rows per kind that fit in MEMORY_SHARE of the GPU memory left after the weights; none off a GPU or
+    for vLLM. From the device's total memory and the model's config, never from free memory, so every
+    rank plans the same batches."""
+    device = sampling_device()
+    if backend == "vllm" or device.type != "cuda" or not Path(base_model, "config.json").is_file():
+        return {}
+    config = json.loads(Path(base_model, "config.json").read_text())
+    memory = (torch.cuda.get_device_properties(device).total_memory - weight_bytes(base_model)) * MEMORY_SHARE
+    return {
+        kind: rows_that_fit(config, width=width, new_tokens=limits[kind], memory_bytes=memory)
+        for kind, width in widths.items()
+    }
 
 
 def pad_width(width: int, cache_implementation: str) -> int:
@@ -98,7 +115,9 @@ def load_model(base_model: str, device: torch.device, **kwargs):
     return model.to(device).eval()
 
 
-def left_pad(prompts: list[list[int]], pad_id: int, device, width: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+def left_pad(
+    prompts: list[list[int]], pad_id: int, device, width: int = 0
+) -> tuple[torch.Tensor, torch.Tensor]:
     width = max(width, *(len(p) for p in prompts))
     ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
     mask = torch.zeros((len(prompts), width), dtype=torch.long)
@@ -106,13 +125,6 @@ def left_pad(prompts: list[list[int]], pad_id: int, device, width: int = 0) -> t
         ids[row, width - len(prompt) :] = torch.tensor(prompt, dtype=torch.long)
         mask[row, width - len(prompt) :] = 1
     return ids.to(device), mask.to(device)
-
-
-def cut_at_stop(row: list[int], stop_ids: frozenset[int]) -> tuple[list[int], bool]:
-    for end, token in enumerate(row):
-        if token in stop_ids:
-            return row[: end + 1], True
-    return row, False
 
 
 NUCLEUS_CANDIDATES = 1024  # top-p without top-k looks for the nucleus among this many top tokens first
@@ -129,7 +141,11 @@ class CandidateSampler:
     host synchronisation."""
 
     def __init__(self, temperature: float, top_k: int | None, top_p: float | None):
-        self.temperature, self.top_k, self.top_p = temperature, top_k or 0, top_p if top_p is not None else 1.0
+        self.temperature, self.top_k, self.top_p = (
+            temperature,
+            top_k or 0,
+            top_p if top_p is not None else 1.0,
+        )
 
     def chain(self, scores: torch.Tensor) -> torch.Tensor:
         from transformers.generation.logits_process import TopPLogitsWarper
@@ -199,8 +215,13 @@ def generate_batch(
     # generate runs greedy: with a temperature, CandidateSampler (a logits processor, after any repetition
     # penalty as in transformers' order) has already drawn the token. Every knob is passed, so nothing else
     # of the model's generation_config.json applies.
-    options = {"do_sample": False, "temperature": None, "top_k": None, "top_p": None,
-               "repetition_penalty": repetition_penalty}
+    options = {
+        "do_sample": False,
+        "temperature": None,
+        "top_k": None,
+        "top_p": None,
+        "repetition_penalty": repetition_penalty,
+    }
     if temperature:
         options["logits_processor"] = LogitsProcessorList([CandidateSampler(temperature, top_k, top_p)])
     if cache_implementation == "static":
@@ -218,11 +239,17 @@ def generate_batch(
 
 
 class HFSampler:
-    """transformers `generate`; a batch that runs out of GPU memory is split in halves."""
+    """transformers `generate` on a loaded model; a batch that runs out of GPU memory is split in halves,
+    seeded seed + 1 and seed + 2 (rows of a batch share one random stream, so the halves draw other
+    samples than the whole batch would; a rerun that splits the same way draws the same)."""
 
-    def __init__(self, base_model: str, cache_implementation: str = "dynamic"):
-        self.model = load_model(base_model, sampling_device())
+    def __init__(self, model, cache_implementation: str = "dynamic"):
+        self.model = model
         self.cache_implementation = cache_implementation
+
+    @classmethod
+    def load(cls, base_model: str, cache_implementation: str = "dynamic") -> "HFSampler":
+        return cls(load_model(base_model, sampling_device()), cache_implementation)
 
     def generate(self, prompts: list[list[int]], *, seed: int, **kwargs) -> list[tuple[list[int], bool]]:
         try:
@@ -234,7 +261,10 @@ class HFSampler:
                 raise
             torch.cuda.empty_cache()
             half = len(prompts) // 2
-            LOG.warning("UPFT: batch of %d ran out of GPU memory; splitting it (set upft.sampling.batch_size)", len(prompts))
+            LOG.warning(
+                "UPFT: batch of %d ran out of GPU memory; splitting it (set upft.sampling.batch_size)",
+                len(prompts),
+            )
             return self.generate(prompts[:half], seed=seed + 1, **kwargs) + self.generate(
                 prompts[half:], seed=seed + 2, **kwargs
             )
@@ -250,8 +280,19 @@ class VLLMSampler:
 
         self.llm = LLM(model=base_model, tensor_parallel_size=tensor_parallel_size, dtype="bfloat16")
 
-    def generate(self, prompts, *, max_new_tokens, stop_ids, pad_id, temperature, top_p, top_k, seed,
-                 repetition_penalty=1.0):
+    def generate(
+        self,
+        prompts,
+        *,
+        max_new_tokens,
+        stop_ids,
+        pad_id,
+        temperature,
+        top_p,
+        top_k,
+        seed,
+        repetition_penalty=1.0,
+    ):
         from vllm import SamplingParams, TokensPrompt
 
         params = [
@@ -268,11 +309,13 @@ class VLLMSampler:
             )
             for i in range(len(prompts))
         ]
-        outputs = self.llm.generate([TokensPrompt(prompt_token_ids=p) for p in prompts], params, use_tqdm=False)
+        outputs = self.llm.generate(
+            [TokensPrompt(prompt_token_ids=p) for p in prompts], params, use_tqdm=False
+        )
         return [cut_at_stop(list(o.outputs[0].token_ids), stop_ids) for o in outputs]
 
 
 def load_sampler(base_model: str, sampling):
     if resolve_backend(sampling.backend) == "vllm":
         return VLLMSampler(base_model, sampling.tensor_parallel_size)
-    return HFSampler(base_model, sampling.cache_implementation)
+    return HFSampler.load(base_model, sampling.cache_implementation)

@@ -1,0 +1,175 @@
+"""The one generation loop of self-sampling, evaluation and the prefix analysis.
+
+Plan batches over *all* requests, skip what the cache holds, deal the rest to ranks, seed each batch,
+generate, write a part file, barrier, load, check the prompt digests. The callers differ only in what
+a request is and what becomes of its record. A plan never depends on what is cached, so a resumed run
+draws the samples a clean run would have drawn.
+"""
+
+import logging
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Protocol
+
+from tqdm.auto import tqdm
+
+from .cache import Record, SampleCache, digest, ids_digest
+from .distributed import Distributed
+
+LOG = logging.getLogger(__name__)
+
+
+class Request(Protocol):
+    """One generation: `index` names it in the cache, `kind` picks its batch size and token limit."""
+
+    index: int
+    prompt_ids: list[int]
+    kind: str
+
+
+class Generator(Protocol):
+    def generate(self, prompts: list[list[int]], *, max_new_tokens: int, seed: int, **options) -> list:
+        """One (generated ids, stopped) pair per prompt."""
+
+
+@dataclass(frozen=True)
+class Prompt:
+    """A request that is only a prompt (evaluation, analysis)."""
+
+    index: int
+    prompt_ids: list[int]
+    kind: str
+
+
+@dataclass
+class Generated:
+    records: dict[int, Record]  # one per request, by index
+    cached: int  # requests that had a record before this run
+    new_tokens: int  # generated in this run, by every rank
+    seconds: float
+
+
+def plan_batches(requests: Sequence[Request], sizes: dict[str, int]) -> list[list[Request]]:
+    """Each kind apart, in the order of `sizes` (a prefix batch stops at k), length-sorted to cut padding."""
+    unknown = {r.kind for r in requests} - sizes.keys()
+    if unknown:
+        raise RuntimeError(f"no batch size for request kinds {sorted(unknown)}")
+    batches = []
+    for kind, size in sizes.items():
+        group = sorted((r for r in requests if r.kind == kind), key=lambda r: (len(r.prompt_ids), r.index))
+        batches += [group[i : i + size] for i in range(0, len(group), size)]
+    return batches
+
+
+def batch_seed(seed: int, batch: Sequence[Request]) -> int:
+    """The seed of a planned batch: its requests and the run's seed, nothing else."""
+    return int(digest([seed, [r.index for r in batch]])[:8], 16)
+
+
+def widths(requests: Sequence[Request]) -> dict[str, int]:
+    """The widest prompt of each kind, over every request (cached or not), for memory-based batch sizes."""
+    out: dict[str, int] = {}
+    for r in requests:
+        out[r.kind] = max(out.get(r.kind, 0), len(r.prompt_ids))
+    return out
+
+
+def check_records(records: dict[int, Record], requests: Sequence[Request], cache: SampleCache) -> None:
+    """A cached record must have been generated for the very prompt and kind it is now read for."""
+    for r in requests:
+        record = records.get(r.index)
+        if record is not None and (record.prompt_digest != ids_digest(r.prompt_ids) or record.kind != r.kind):
+            raise RuntimeError(
+                f"{cache.dir}: the cached generation of request {r.index} was made for another prompt. "
+                f"Delete {cache.dir} to generate again."
+            )
+
+
+def pending(
+    batches: list[list[Request]], done: dict[int, Record], seed: int
+) -> list[tuple[int, list[Request]]]:
+    """(seed, requests still to generate) of every planned batch with work left; the seed is the whole
+    batch's, so a batch left half-done by an older plan keeps one seed."""
+    out = []
+    for batch in batches:
+        missing = [r for r in batch if r.index not in done]
+        if missing:
+            out.append((batch_seed(seed, batch), missing))
+    return out
+
+
+def generate_all(
+    requests: Sequence[Request],
+    cache: SampleCache,
+    load: Callable[[], Generator],
+    *,
+    sizes: dict[str, int],
+    limits: dict[str, int],
+    options: dict,
+    seed: int,
+    dist: Distributed,
+    desc: str,
+) -> Generated:
+    """Generate what the cache lacks (this rank's share of batches); return every request's record."""
+    started = time.perf_counter()
+    done = cache.load()
+    check_records(done, requests, cache)
+    dist.barrier()
+    cached = sum(r.index in done for r in requests)
+    work = pending(plan_batches(requests, sizes), done, seed)
+    mine = work[dist.rank :: dist.world_size]
+    if mine:
+        LOG.info(
+            "%s: %d of %d to generate (%d cached), %d batches of up to %s on rank %d/%d",
+            desc,
+            sum(len(b) for _, b in mine),
+            len(requests),
+            cached,
+            len(mine),
+            sizes,
+            dist.rank,
+            dist.world_size,
+        )
+        total = len(requests) - cached
+        run_batches(
+            mine,
+            cache,
+            load(),
+            limits,
+            options,
+            show=dist.rank == 0,
+            desc=desc,
+            total=total,
+            before=len(done),
+        )
+    dist.barrier()
+    records = cache.load()
+    check_records(records, requests, cache)
+    lacking = [r.index for r in requests if r.index not in records]
+    if lacking:
+        raise RuntimeError(f"{desc}: requests {lacking[:10]} have no generation in {cache.dir}")
+    new_tokens = sum(len(records[r.index].ids) for r in requests if r.index not in done)
+    by_index = {r.index: records[r.index] for r in requests}
+    return Generated(by_index, cached, new_tokens, time.perf_counter() - started)
+
+
+def run_batches(
+    mine, cache: SampleCache, model: Generator, limits, options, *, show, desc, total, before
+) -> None:
+    """Generate and write this rank's batches; the progress bar counts every rank's part files."""
+    started, new_tokens = time.perf_counter(), 0
+    bar = tqdm(total=total, desc=desc, unit="q", disable=not show)
+    for seed, batch in mine:
+        outputs = model.generate(
+            [r.prompt_ids for r in batch], max_new_tokens=limits[batch[0].kind], seed=seed, **options
+        )
+        records = [
+            Record(r.index, r.kind, ids_digest(r.prompt_ids), ids, stopped)
+            for r, (ids, stopped) in zip(batch, outputs)
+        ]
+        cache.write_part(records)
+        new_tokens += sum(len(r.ids) for r in records)
+        bar.update(max(0, min(total, cache.count_done() - before) - bar.n))
+        bar.set_postfix(tok_s=f"{new_tokens / (time.perf_counter() - started):.0f}")
+    bar.close()

@@ -1,0 +1,98 @@
+"""The one generation loop: batch plans, seeds, and resume that draws exactly the samples of a clean run."""
+
+import json
+
+import pytest
+import torch
+from axolotl.utils.dict import DictDefault
+
+from axolotl_upft import generation
+from axolotl_upft.args import UPFTConfig
+from axolotl_upft.dataset import build_rows
+from axolotl_upft.distributed import CFG_KEY, Distributed
+from axolotl_upft.loop import Prompt, batch_seed, pending, plan_batches
+from axolotl_upft.rows import FULL, PREFIX
+
+
+def test_plan_batches_uses_each_kinds_size():
+    requests = [Prompt(i, [1] * (i % 5 + 1), PREFIX if i % 4 else FULL) for i in range(40)]
+    batches = plan_batches(requests, {PREFIX: 8, FULL: 3})
+    assert [len(b) for b in batches] == [8, 8, 8, 6, 3, 3, 3, 1]
+    assert all(len({r.kind for r in b}) == 1 for b in batches)
+    assert sorted(r.index for b in batches for r in b) == list(range(40))
+    assert [len(b[0].prompt_ids) for b in batches[:4]] == sorted(len(b[0].prompt_ids) for b in batches[:4])
+    with pytest.raises(RuntimeError, match="no batch size for request kinds"):
+        plan_batches(requests, {PREFIX: 8})
+
+
+def test_cached_requests_are_skipped_but_keep_their_batch_and_its_seed():
+    requests = [Prompt(i, [1] * (i + 1), PREFIX) for i in range(6)]
+    batches = plan_batches(requests, {PREFIX: 3})
+    done = {0: None, 3: None, 4: None, 5: None}
+    # batch [3, 4, 5] is finished and skipped; [0, 1, 2] keeps the seed of all three, not of [1, 2]
+    assert pending(batches, done, 42) == [(batch_seed(42, batches[0]), requests[1:3])]
+    assert batch_seed(42, batches[0]) != batch_seed(42, requests[1:3])
+
+
+class LoneRank(Distributed):
+    """One rank of a two-rank run whose other rank died before writing anything."""
+
+    def barrier(self):
+        pass
+
+    def minimum(self, values):
+        return values
+
+
+def cached_samples(cache_root) -> dict[int, list[int]]:
+    (run_dir,) = cache_root.iterdir()
+    lines = [line for part in run_dir.glob("part-*.jsonl") for line in part.read_text().splitlines()[1:]]
+    return {record["i"]: record["ids"] for record in map(json.loads, lines)}
+
+
+def test_a_resumed_run_draws_the_samples_of_a_clean_run_with_memory_sized_batches(
+    questions, tiny_model, tiny_tokenizer, tmp_path, monkeypatch
+):
+    # Batch sizes from the widest prompt, as on a GPU: 3 rows when a prompt is 100+ tokens wide, else 5.
+    # The 12 prefix questions are 29..107 tokens wide: batches of 3, the widest (question 8) in the last.
+    monkeypatch.setattr(
+        generation,
+        "memory_fits",
+        lambda backend, model, widths, limits: {k: 3 if w >= 100 else 5 for k, w in widths.items()},
+    )
+    upft = UPFTConfig(prefix_length=4, structure_ratio=0.25, sampling={"max_new_tokens": 12})
+
+    def run(cache, dist):
+        cfg = DictDefault({"base_model": str(tiny_model), "sequence_len": 256, CFG_KEY: dist})
+        return build_rows(
+            questions[:16], tiny_tokenizer, cfg, upft.model_copy(update={"cache_dir": str(cache)})
+        )
+
+    clean = run(tmp_path / "clean", Distributed())
+    with pytest.raises(RuntimeError, match="have no generation"):
+        run(tmp_path / "resumed", LoneRank(1, 2))
+    finished = cached_samples(tmp_path / "resumed")
+    assert 8 in finished and 5 not in finished, (
+        "rank 1 finished the widest prompt: a plan over the missing questions alone would take batches of 5"
+    )
+    resumed = run(tmp_path / "resumed", Distributed())
+    assert cached_samples(tmp_path / "resumed") == cached_samples(tmp_path / "clean")
+    assert resumed == clean
+
+
+def test_a_batch_halved_after_running_out_of_memory_is_seeded_the_same_on_every_run(monkeypatch):
+    seen = []
+
+    def generate_batch(model, prompts, *, seed, **kwargs):
+        if len(prompts) > 2:
+            raise torch.cuda.OutOfMemoryError("simulated")
+        seen.append((len(prompts), seed))
+        return [([seed], True) for _ in prompts]
+
+    monkeypatch.setattr(generation, "generate_batch", generate_batch)
+    sampler = generation.HFSampler(model=None)
+    first = sampler.generate([[1]] * 5, seed=100, max_new_tokens=4)
+    # 5 -> 2 (seed 101) + 3 (seed 102); 3 -> 1 (seed 103) + 2 (seed 104)
+    assert seen == [(2, 101), (1, 103), (2, 104)]
+    assert first == [([101], True)] * 2 + [([103], True)] + [([104], True)] * 2
+    assert sampler.generate([[1]] * 5, seed=100, max_new_tokens=4) == first
