@@ -128,7 +128,7 @@ def check_not_benchmark(target: Path, path: Path) -> None:
 def arm_name(model_path: str, adapter: str | None) -> str:
     """Folder name of one (model, adapter) pair's results: readable, and distinct for distinct paths."""
     parts = [Path(model_path).name] + ([Path(adapter).parent.name, Path(adapter).name] if adapter else [])
-    slug = re.sub(r"[^A-Za-z0-9._-]+", "_", "+".join(p for p in parts if p))
+    slug = re.sub(r"[^A-Za-z0-9._+-]+", "_", "+".join(p for p in parts if p))
     return f"{slug}-{digest([str(model_path), str(adapter) if adapter else None])[:8]}"
 
 

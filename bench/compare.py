@@ -69,11 +69,12 @@ def run(command: list[str], log: Path) -> float:
     return round(time.perf_counter() - started, 1)
 
 
-def timed(cfg: dict, arm: str, step: str, command: list[str]) -> float:
-    """Run a step once: its seconds are kept in results/timings.json, and a finished step is skipped."""
+def timed(cfg: dict, arm: str, step: str, command: list[str], made: Path) -> float:
+    """Run a step once: its seconds are kept in results/timings.json, and a step is skipped when it is
+    recorded there and what it made (``made``, under the git-ignored output) is still on disk."""
     path = cfg["results"] / "timings.json"
     timings = read_json(path, {})
-    if step in timings.get(arm, {}):
+    if step in timings.get(arm, {}) and made.exists():
         return timings[arm][step]
     seconds = run(command, cfg["output"] / arm / "log.txt")
     timings = read_json(path, {})
@@ -145,7 +146,9 @@ def train(cfg: dict, arm: str, overrides: dict) -> Path | None:
     config = arm_config(cfg, arm, overrides)
     adapter = cfg["output"] / arm / "adapter"
     try:
-        timed(cfg, arm, "preprocess_s", ["axolotl", "preprocess", str(config)])
+        timed(
+            cfg, arm, "preprocess_s", ["axolotl", "preprocess", str(config)], cfg["output"] / arm / "prepared"
+        )
     except SystemExit:
         if NOTHING_TO_TRAIN not in (cfg["output"] / arm / "log.txt").read_text()[-20000:]:
             raise
@@ -154,7 +157,7 @@ def train(cfg: dict, arm: str, overrides: dict) -> Path | None:
             {"config": yaml.safe_load(config.read_text()), "skipped": NOTHING_TO_TRAIN},
         )
         return None
-    timed(cfg, arm, "train_s", ["axolotl", "train", str(config)])
+    timed(cfg, arm, "train_s", ["axolotl", "train", str(config)], adapter / "adapter_model.safetensors")
     report = subprocess.run(
         ["axolotl-upft", "report", str(config)], capture_output=True, text=True, check=True
     )
@@ -185,10 +188,10 @@ def evaluate(cfg: dict, arm: str, split: str, adapter: Path | None) -> dict:
     ]
     command += ["--adapter", str(adapter)] if adapter else []
     command += ["--limit", str(limit)] if limit else []
-    timed(cfg, arm, f"eval_{split}_s", command)
     from axolotl_upft.evaluate import arm_name
 
     folder = cfg["output"] / "eval" / arm_name(str(cfg["model"]), str(adapter) if adapter else None)
+    timed(cfg, arm, f"eval_{split}_s", command, folder / f"{name}.summary.json")
     summary = json.loads((folder / f"{name}.summary.json").read_text())
     rows = cfg["results"] / "rows" / f"{arm}.{split}.jsonl"
     rows.parent.mkdir(parents=True, exist_ok=True)
@@ -248,7 +251,7 @@ def stage_tune(cfg: dict) -> dict:
 
 def stage_arms(cfg: dict, best: dict) -> None:
     evaluate(cfg, "base", "test", None)
-    evaluate(cfg, "upft", "test", cfg["output"] / best["arm"] / "adapter")
+    evaluate(cfg, "upft", "test", train(cfg, best["arm"], tune_overrides(best["setting"])))
     chosen = tune_overrides(best["setting"])
     for arm, overrides in cfg["arms"].items():
         # label_filter arms keep the tuned k, p, lr and epochs; the others keep lr and epochs.
@@ -262,11 +265,12 @@ def stage_arms(cfg: dict, best: dict) -> None:
             evaluate(cfg, arm, "test", adapter)
 
 
-def stage_analyze(cfg: dict, arm: str, model: str) -> None:
-    """Prefix coverage of `model`'s samples on the first train questions (the paper's Fig. 2)."""
+def stage_analyze(cfg: dict, arm: str, model) -> None:
+    """Prefix coverage of the samples of ``model()`` (a model folder) on the first train questions."""
     target = cfg["results"] / "analysis" / f"{arm}.json"
     if target.exists():
         return
+    model = model()
     from axolotl_upft.analyze import analyze
 
     settings = dict(cfg.get("analyze") or {})
@@ -311,7 +315,7 @@ def main() -> None:
     if "data" in todo:
         stage_data(cfg)
     if "analyze" in todo:
-        stage_analyze(cfg, "base", str(cfg["model"]))
+        stage_analyze(cfg, "base", lambda: str(cfg["model"]))
     best = read_json(cfg["results"] / "tune.json", {}).get("best")
     if "tune" in todo:
         best = stage_tune(cfg)
@@ -319,7 +323,7 @@ def main() -> None:
         if best is None:
             raise SystemExit("no tuned UPFT setting yet: run --stage tune first")
         stage_arms(cfg, best)
-        stage_analyze(cfg, "upft", merged_model(cfg, cfg["output"] / best["arm"] / "adapter"))
+        stage_analyze(cfg, "upft", lambda: merged_model(cfg, cfg["output"] / best["arm"] / "adapter"))
     if "report" in todo:
         compare_report.report(cfg["results"], cfg)
 
