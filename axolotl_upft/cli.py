@@ -100,7 +100,8 @@ main.add_command(sample_command, name="sample")
     "benchmarks",
     multiple=True,
     required=True,
-    help="gsm8k, math500, aime24, amc23, or a .jsonl file; repeatable.",
+    help="gsm8k, math500, aime24, amc23, a built-in reasoning-gym <task>-<split> "
+    "(e.g. leg_counting_2-validation), or a .jsonl file; repeatable.",
 )
 @click.option("--limit", type=click.IntRange(min=1), default=None, help="Only the first N questions.")
 @click.option(
@@ -146,6 +147,22 @@ def eval_command(
 
 
 main.add_command(eval_command, name="eval")
+
+
+@main.command("write-benchmark")
+@click.argument("names", nargs=-1, required=True)
+@click.option(
+    "--out", type=click.Path(file_okay=False, path_type=Path), required=True, help="Folder for <name>.jsonl."
+)
+def write_benchmark_command(names, out):
+    """Write built-in reasoning-gym benchmarks (<task>-<split>, e.g. leg_counting_2-train) as JSONL."""
+    from .benchmarks import write_benchmark
+
+    for name in names:
+        try:
+            click.echo(write_benchmark(name, out))
+        except ValueError as err:
+            raise click.UsageError(str(err)) from None
 
 
 @main.command("analyze")

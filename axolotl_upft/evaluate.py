@@ -3,8 +3,10 @@
 Layout of ``output_dir``:
   parts/<benchmark>/<key>/part-*.jsonl   generated token ids per finished batch (the sample cache's format);
                                          the key covers model, adapter, tokenizer, data file and settings
-  <benchmark>.jsonl                      one graded row per question (rank 0, after every rank finished)
-  <benchmark>.summary.json               accuracy and token counts of the run
+  <arm>/<benchmark>.jsonl                one graded row per question (rank 0, after every rank finished);
+                                         <arm> names the model and adapter (`arm_name`): no overwrites
+  <arm>/<benchmark>.summary.json         strict and flexible accuracy and token counts of the run
+  benchmarks/<name>.jsonl                the rows of a built-in reasoning-gym benchmark (`benchmarks.py`)
   results.md                             one table row per (model, adapter, benchmark), refreshed in place
 A rerun reuses every cached batch, so a killed run resumes and a finished one only re-grades.
 """
@@ -15,17 +17,25 @@ import logging
 import re
 from pathlib import Path
 
+from . import benchmarks
 from .cache import Record, SampleCache, atomic_write_text, digest
 from .distributed import Distributed
 from .generation import HFSampler, load_model, sampling_device
-from .grading import BENCHMARKS, benchmark_path, extract_answer, gold_answer, is_equivalent
+from .grading import (
+    BENCHMARKS,
+    benchmark_path,
+    extract_answer,
+    extract_answer_flexible,
+    gold_answer,
+    is_equivalent,
+)
 from .loop import Prompt, generate_all
 from .prompts import chat_messages, check_tokenizer, pad_token_id, question_text, render_prompt_ids
 from .selfsample import model_fingerprint, read_generation_config, stop_ids
 
 LOG = logging.getLogger(__name__)
 KIND = "greedy"
-RESULTS_HEADER = ["model", "adapter", "benchmark", "n", "accuracy"]
+RESULTS_HEADER = ["model", "adapter", "benchmark", "n", "accuracy", "flexible"]
 GREEDY = {"temperature": 0, "top_p": None, "top_k": None, "repetition_penalty": 1.0}
 _CELL_SPLIT = re.compile(r"(?<!\\)\|")
 
@@ -48,6 +58,8 @@ def evaluate(
     _check_args(limit=limit, max_new_tokens=max_new_tokens, batch_size=batch_size)
     dist = distributed or Distributed()
     path, name, out = output_paths(benchmark, data_dir, output_dir)
+    arm = out / arm_name(model_path, adapter)
+    check_not_benchmark(arm / f"{name}.jsonl", path)
     rows = read_rows(path, limit)
     golds = [gold_answer(row, name, answer_field) for row in rows]
     texts = [question_text(row, i) for i, row in enumerate(rows)]
@@ -75,7 +87,8 @@ def evaluate(
         desc=f"eval {name}",
     )
     if dist.rank == 0:
-        graded = grade(tokenizer, texts, golds, [generated.records[i] for i in range(len(rows))])
+        checker = (lambda answer, i: benchmarks.is_correct(name, answer, rows[i])) if builtin(name) else None
+        graded = grade(tokenizer, texts, golds, [generated.records[i] for i in range(len(rows))], checker)
         summary = summarize(graded, model=model_path, adapter=adapter, benchmark=name, path=path)
         summary.update(
             max_new_tokens=max_new_tokens,
@@ -83,25 +96,40 @@ def evaluate(
             tokens_generated_this_run=generated.new_tokens,
             wall_seconds=round(generated.seconds, 3),
         )
-        write_outputs(out, name, graded, summary)
+        write_outputs(out, arm, name, graded, summary)
         LOG.info(
             "UPFT eval: %s %s accuracy %.2f%% (n=%d)", model_path, name, summary["accuracy"], summary["n"]
         )
     dist.barrier()
-    return json.loads((out / f"{name}.summary.json").read_text())
+    return json.loads((arm / f"{name}.summary.json").read_text())
+
+
+def builtin(benchmark: str) -> bool:
+    return benchmarks.parse_name(benchmark) is not None
 
 
 def output_paths(benchmark: str, data_dir, output_dir) -> tuple[Path, str, Path]:
-    """(benchmark file, its name in the outputs, output folder); refuses to overwrite the benchmark."""
-    path = benchmark_path(benchmark, data_dir)
-    name = benchmark.lower() if benchmark.lower() in BENCHMARKS else path.stem
+    """(benchmark file, its name in the outputs, output folder); a built-in one is written there first."""
     out = Path(output_dir)
-    if (out / f"{name}.jsonl").resolve() == path.resolve():
+    if builtin(benchmark):
+        return benchmarks.write_benchmark(benchmark, out / "benchmarks"), benchmark.lower(), out
+    path = benchmark_path(benchmark, data_dir)
+    return path, benchmark.lower() if benchmark.lower() in BENCHMARKS else path.stem, out
+
+
+def check_not_benchmark(target: Path, path: Path) -> None:
+    if target.resolve() == path.resolve():
         raise ValueError(
-            f"output_dir: {out / (name + '.jsonl')} is the benchmark file itself and would be overwritten; "
+            f"output_dir: {target} is the benchmark file itself and would be overwritten; "
             "choose another output_dir"
         )
-    return path, name, out
+
+
+def arm_name(model_path: str, adapter: str | None) -> str:
+    """Folder name of one (model, adapter) pair's results: readable, and distinct for distinct paths."""
+    parts = [Path(model_path).name] + ([Path(adapter).parent.name, Path(adapter).name] if adapter else [])
+    slug = re.sub(r"[^A-Za-z0-9._+-]+", "_", "+".join(p for p in parts if p))
+    return f"{slug}-{digest([str(model_path), str(adapter) if adapter else None])[:8]}"
 
 
 def eval_cache(root: Path, model_path, adapter, tokenizer, path: Path, system_prompt, max_new_tokens, stops):
@@ -176,12 +204,17 @@ def load_eval_model(model_path: str, adapter: str | None):
     return model
 
 
-def grade(tokenizer, questions: list[str], golds: list[str], records: list[Record]) -> list[dict]:
-    """One result row per question, in benchmark order."""
+def grade(
+    tokenizer, questions: list[str], golds: list[str], records: list[Record], checker=None
+) -> list[dict]:
+    """One result row per question, in benchmark order: the strict answer and the flexible one
+    (last number as fallback), each checked by ``checker(answer, index)`` or else by ``is_equivalent``."""
+    check = checker or (lambda answer, index: is_equivalent(answer, golds[index]))
     rows = []
     for index, (question, gold, record) in enumerate(zip(questions, golds, records)):
         text = tokenizer.decode(record.ids, skip_special_tokens=True)
         answer = extract_answer(text)
+        flexible = extract_answer_flexible(text)
         rows.append(
             {
                 "index": index,
@@ -189,7 +222,9 @@ def grade(tokenizer, questions: list[str], golds: list[str], records: list[Recor
                 "gold": gold,
                 "prediction": text,
                 "answer": answer,
-                "correct": is_equivalent(answer, gold),
+                "correct": check(answer, index),
+                "answer_flexible": flexible,
+                "correct_flexible": check(flexible, index),
                 "tokens": len(record.ids),
                 "stopped": record.stopped,
             }
@@ -210,12 +245,15 @@ def summarize(rows: list[dict], *, model: str, adapter: str | None, benchmark: s
         "mean_tokens": round(sum(row["tokens"] for row in rows) / len(rows), 1),
         "truncated": sum(not row["stopped"] for row in rows),
         "no_answer": sum(row["answer"] is None for row in rows),
+        "correct_flexible": sum(row["correct_flexible"] for row in rows),
+        "accuracy_flexible": round(100 * sum(row["correct_flexible"] for row in rows) / len(rows), 2),
+        "no_answer_flexible": sum(row["answer_flexible"] is None for row in rows),
     }
 
 
-def write_outputs(out: Path, name: str, rows: list[dict], summary: dict) -> None:
-    atomic_write_text(out / f"{name}.jsonl", "".join(json.dumps(row) + "\n" for row in rows))
-    atomic_write_text(out / f"{name}.summary.json", json.dumps(summary, indent=2))
+def write_outputs(out: Path, arm: Path, name: str, rows: list[dict], summary: dict) -> None:
+    atomic_write_text(arm / f"{name}.jsonl", "".join(json.dumps(row) + "\n" for row in rows))
+    atomic_write_text(arm / f"{name}.summary.json", json.dumps(summary, indent=2))
     update_results(out / "results.md", summary)
 
 
@@ -231,6 +269,7 @@ def update_results(path: Path, summary: dict) -> None:
         _cell(summary["benchmark"]),
         str(summary["n"]),
         f"{summary['accuracy']:.2f}",
+        f"{summary['accuracy_flexible']:.2f}",
     ]
     table = read_results(path)
     for i, old in enumerate(table):

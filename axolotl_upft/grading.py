@@ -71,6 +71,20 @@ def extract_answer(text: str) -> str | None:
     return _answer_is(text)
 
 
+_NUMBER = re.compile(r"-?\d{1,3}(?:,\d{3})+(?:\.\d+)?|-?\d+(?:\.\d+)?")
+
+
+def extract_last_number(text: str) -> str | None:
+    """The last number of ``text``, thousands commas dropped, as lm-eval-harness's ``flexible-extract``."""
+    numbers = _NUMBER.findall(text or "")
+    return numbers[-1].replace(",", "") if numbers else None
+
+
+def extract_answer_flexible(text: str) -> str | None:
+    """The strict answer (``extract_answer``) when there is one, else the last number of the text."""
+    return extract_answer(text) or extract_last_number(text)
+
+
 def gold_answer(row: dict, benchmark: str | None = None, field: str = "answer") -> str:
     """Gold answer of a row: the text after ``####`` (GSM8K style), else the ``field`` value as text."""
     if row.get(field) in (None, ""):
@@ -233,5 +247,6 @@ def is_equivalent(pred: str | None, gold: str, timeout_s: float = 5) -> bool:
 
 
 def is_correct(tokenizer, ids: list[int], gold: str) -> bool:
-    """Whether generated ids, decoded, end in an answer equivalent to ``gold``."""
-    return is_equivalent(extract_answer(tokenizer.decode(ids, skip_special_tokens=True)), gold)
+    """Whether generated ids, decoded, hold an answer equivalent to ``gold`` (flexible reading: the strict
+    answer, else the last number)."""
+    return is_equivalent(extract_answer_flexible(tokenizer.decode(ids, skip_special_tokens=True)), gold)

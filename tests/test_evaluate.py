@@ -11,7 +11,7 @@ from tiny import build_model, gsm8k_questions
 from axolotl_upft import evaluate as ev
 from axolotl_upft import generation
 from axolotl_upft.distributed import Distributed
-from axolotl_upft.grading import extract_answer, gold_answer, is_equivalent
+from axolotl_upft.grading import extract_answer, extract_answer_flexible, gold_answer, is_equivalent
 
 LIMIT = 5
 MAX_NEW = 12
@@ -42,6 +42,10 @@ def read_jsonl(path):
     return [json.loads(line) for line in path.read_text().splitlines()]
 
 
+def arm(out, model_dir, adapter=None):
+    return out / ev.arm_name(model_dir, adapter)
+
+
 def run(model_dir, out, **kwargs):
     options = {"limit": LIMIT, "output_dir": out, "max_new_tokens": MAX_NEW, "batch_size": 2, **kwargs}
     return ev.evaluate(model_dir, options.pop("benchmark", "gsm8k"), **options)
@@ -50,7 +54,7 @@ def run(model_dir, out, **kwargs):
 def test_eval_writes_graded_rows_summary_and_table_then_a_rerun_generates_nothing(model_dir, tmp_path, calls):
     summary = run(model_dir, tmp_path)
 
-    rows = read_jsonl(tmp_path / "gsm8k.jsonl")
+    rows = read_jsonl(arm(tmp_path, model_dir) / "gsm8k.jsonl")
     source = gsm8k_questions(LIMIT, "test")
     assert [r["index"] for r in rows] == list(range(LIMIT))
     assert [r["question"] for r in rows] == [s["question"] for s in source]
@@ -59,14 +63,24 @@ def test_eval_writes_graded_rows_summary_and_table_then_a_rerun_generates_nothin
         assert 1 <= row["tokens"] <= MAX_NEW
         assert row["answer"] == extract_answer(row["prediction"])
         assert row["correct"] == is_equivalent(row["answer"], row["gold"])
+        assert row["answer_flexible"] == extract_answer_flexible(row["prediction"])
+        assert row["correct_flexible"] == is_equivalent(row["answer_flexible"], row["gold"])
     # The headline number must be the rows' own mean, not a separately kept count.
     assert summary["accuracy"] == round(100 * sum(r["correct"] for r in rows) / LIMIT, 2)
     assert summary["n"] == LIMIT and summary["correct"] == sum(r["correct"] for r in rows)
     assert summary["mean_tokens"] == round(sum(r["tokens"] for r in rows) / LIMIT, 1)
-    assert summary == json.loads((tmp_path / "gsm8k.summary.json").read_text())
+    assert summary["accuracy_flexible"] == round(100 * sum(r["correct_flexible"] for r in rows) / LIMIT, 2)
+    assert summary == json.loads((arm(tmp_path, model_dir) / "gsm8k.summary.json").read_text())
     assert sum(n for _, n in calls) == LIMIT and len(calls) == 3  # batches of 2
     assert ev.read_results(tmp_path / "results.md") == [
-        [model_dir, "-", "gsm8k", str(LIMIT), f"{summary['accuracy']:.2f}"]
+        [
+            model_dir,
+            "-",
+            "gsm8k",
+            str(LIMIT),
+            f"{summary['accuracy']:.2f}",
+            f"{summary['accuracy_flexible']:.2f}",
+        ]
     ]
 
     calls.clear()
@@ -76,7 +90,7 @@ def test_eval_writes_graded_rows_summary_and_table_then_a_rerun_generates_nothin
     assert {k: v for k, v in again.items() if k not in ("wall_seconds", "tokens_generated_this_run")} == {
         k: v for k, v in summary.items() if k not in ("wall_seconds", "tokens_generated_this_run")
     }
-    assert read_jsonl(tmp_path / "gsm8k.jsonl") == rows
+    assert read_jsonl(arm(tmp_path, model_dir) / "gsm8k.jsonl") == rows
     assert len(ev.read_results(tmp_path / "results.md")) == 1
 
     # A larger limit reuses the cached questions and generates only the new ones.
@@ -99,7 +113,7 @@ def test_a_run_killed_mid_way_resumes_from_its_finished_batches(model_dir, tmp_p
     monkeypatch.setattr(generation, "generate_batch", dies_on_second_batch)
     with pytest.raises(KeyboardInterrupt):
         run(model_dir, tmp_path)
-    assert not (tmp_path / "gsm8k.jsonl").exists()
+    assert not (arm(tmp_path, model_dir) / "gsm8k.jsonl").exists()
 
     seen.clear()
     assert run(model_dir, tmp_path)["n"] == LIMIT
@@ -123,7 +137,7 @@ def test_accuracy_counts_equivalent_answers_on_a_custom_jsonl_file(model_dir, tm
 
     summary = run(model_dir, tmp_path / "out", benchmark=str(bench), limit=None)
 
-    rows = read_jsonl(tmp_path / "out" / "mine.jsonl")
+    rows = read_jsonl(arm(tmp_path / "out", model_dir) / "mine.jsonl")
     assert [r["answer"] for r in rows] == ["18"] * 4
     assert [r["correct"] for r in rows] == [True, True, False, False]
     assert (summary["benchmark"], summary["n"], summary["correct"], summary["accuracy"]) == (
@@ -162,7 +176,7 @@ def test_questions_are_sharded_by_batch_across_ranks_and_rank_zero_merges(
     # 5 batches of one question: j % 2 puts batches 0, 2, 4 on rank 0 and 1, 3 on rank 1.
     assert Counter(name for name, _ in calls) == {"rank0": 3, "rank1": 2}
     assert summaries[0] == summaries[1]
-    assert len(read_jsonl(tmp_path / "gsm8k.jsonl")) == LIMIT
+    assert len(read_jsonl(arm(tmp_path, model_dir) / "gsm8k.jsonl")) == LIMIT
 
 
 def test_an_adapter_is_merged_and_gets_its_own_table_row(model_dir, tmp_path, calls):
@@ -186,6 +200,14 @@ def test_an_adapter_is_merged_and_gets_its_own_table_row(model_dir, tmp_path, ca
     table = ev.read_results(tmp_path / "out" / "results.md")
     assert [row[:3] for row in table] == [[model_dir, "-", "gsm8k"], [model_dir, adapter, "gsm8k"]]
     assert table[0][4] == f"{base_summary['accuracy']:.2f}"
+    # Both arms' per-question rows survive in one output folder: paired tests need them.
+    base_rows = read_jsonl(arm(tmp_path / "out", model_dir) / "gsm8k.jsonl")
+    adapter_rows = read_jsonl(arm(tmp_path / "out", model_dir, adapter) / "gsm8k.jsonl")
+    assert len(base_rows) == len(adapter_rows) == 2
+    assert (
+        json.loads((arm(tmp_path / "out", model_dir, adapter) / "gsm8k.summary.json").read_text()) == summary
+    )
+    assert arm(tmp_path / "out", model_dir) != arm(tmp_path / "out", model_dir, adapter)
 
 
 def test_the_eval_model_with_an_adapter_has_the_peft_models_logits_not_the_bases(model_dir, tmp_path):
@@ -208,15 +230,22 @@ def test_the_eval_model_with_an_adapter_has_the_peft_models_logits_not_the_bases
 
 def test_results_table_refreshes_a_row_in_place_and_escapes_pipes(tmp_path):
     path = tmp_path / "results.md"
-    row = {"model": "a|b", "adapter": None, "benchmark": "gsm8k", "n": 3, "accuracy": 33.33}
+    row = {
+        "model": "a|b",
+        "adapter": None,
+        "benchmark": "gsm8k",
+        "n": 3,
+        "accuracy": 33.33,
+        "accuracy_flexible": 40.0,
+    }
     ev.update_results(path, row)
     ev.update_results(path, {**row, "benchmark": "math500"})
     ev.update_results(path, {**row, "n": 4, "accuracy": 50.0})
     assert ev.read_results(path) == [
-        ["a\\|b", "-", "gsm8k", "4", "50.00"],
-        ["a\\|b", "-", "math500", "3", "33.33"],
+        ["a\\|b", "-", "gsm8k", "4", "50.00", "40.00"],
+        ["a\\|b", "-", "math500", "3", "33.33", "40.00"],
     ]
-    assert path.read_text().splitlines()[0] == "| model | adapter | benchmark | n | accuracy |"
+    assert path.read_text().splitlines()[0] == "| model | adapter | benchmark | n | accuracy | flexible |"
 
 
 @pytest.mark.parametrize(
@@ -234,7 +263,31 @@ def test_bad_arguments_fail_before_any_model_is_loaded(kwargs, message, tmp_path
 
 
 def test_an_output_dir_holding_the_benchmark_file_is_refused(tmp_path):
-    bench = tmp_path / "mine.jsonl"
+    bench = arm(tmp_path, "no-such-model") / "mine.jsonl"
+    bench.parent.mkdir()
     bench.write_text(json.dumps({"question": "q", "answer": "1"}) + "\n")
     with pytest.raises(ValueError, match="would be overwritten"):
         run("no-such-model", tmp_path, benchmark=str(bench))
+
+
+def test_a_plain_sentence_answer_counts_under_the_flexible_reading_only(model_dir, tmp_path, monkeypatch):
+    from transformers import AutoTokenizer
+
+    bench = tmp_path / "data" / "sums.jsonl"
+    bench.parent.mkdir()
+    bench.write_text(
+        "".join(json.dumps({"question": f"Janet has {g} eggs .", "answer": g}) + "\n" for g in ("18", "7"))
+    )
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    reply = tokenizer("Janet has 7 eggs and 11 more , so 18 .", add_special_tokens=False)["input_ids"]
+    monkeypatch.setattr(
+        generation, "generate_batch", lambda model, prompts, **kw: [(reply, True) for _ in prompts]
+    )
+
+    summary = run(model_dir, tmp_path / "out", benchmark=str(bench), limit=None)
+
+    rows = read_jsonl(arm(tmp_path / "out", model_dir) / "sums.jsonl")
+    assert [(r["answer"], r["answer_flexible"]) for r in rows] == [(None, "18"), (None, "18")]
+    assert [(r["correct"], r["correct_flexible"]) for r in rows] == [(False, True), (False, False)]
+    assert (summary["accuracy"], summary["accuracy_flexible"]) == (0.0, 50.0)
+    assert (summary["no_answer"], summary["no_answer_flexible"]) == (2, 0)

@@ -14,6 +14,8 @@ from axolotl_upft.grading import (
     BENCHMARKS,
     benchmark_path,
     extract_answer,
+    extract_answer_flexible,
+    extract_last_number,
     gold_answer,
     is_equivalent,
     normalize,
@@ -249,6 +251,30 @@ def test_normalize_strips_only_formatting(answer, expected):
 )
 def test_extract_answer_takes_the_last_complete_final_answer(text, expected):
     assert extract_answer(text) == expected
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("The final answer to this arithmetic problem is 6.", "6"),
+        ("3 + 4 = 7, then 7 + 5 = 12", "12"),
+        ("It costs $1,234.50 in total.", "1234.50"),
+        ("The temperature drops to -3 degrees.", "-3"),
+        ("The list is 1,2,3", "3"),
+        ("no digits here", None),
+        ("", None),
+    ],
+)
+def test_last_number_reads_what_models_write_in_plain_sentences(text, expected):
+    assert extract_last_number(text) == expected
+
+
+def test_flexible_extraction_keeps_the_strict_answer_and_falls_back_to_the_last_number():
+    # A boxed answer wins over a later number, so MATH-style answers read as before.
+    assert extract_answer_flexible("\\boxed{\\frac{1}{2}} since 2 halves make 1") == "\\frac{1}{2}"
+    assert extract_answer_flexible("The answer is 42. Check: 40 + 2") == "42"
+    assert extract_answer_flexible("The final answer to this arithmetic problem is 6.") == "6"
+    assert extract_answer_flexible("I am not sure.") is None
 
 
 def test_gsm8k_gold_is_the_text_after_the_four_hashes():
