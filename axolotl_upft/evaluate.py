@@ -61,7 +61,6 @@ def evaluate(
     arm = out / arm_name(model_path, adapter)
     check_not_benchmark(arm / f"{name}.jsonl", path)
     rows = read_rows(path, limit)
-    golds = [gold_answer(row, name, answer_field) for row in rows]
     texts = [question_text(row, i) for i, row in enumerate(rows)]
     tokenizer = load_tokenizer(model_path, adapter)
     requests = [
@@ -87,8 +86,7 @@ def evaluate(
         desc=f"eval {name}",
     )
     if dist.rank == 0:
-        checker = (lambda answer, i: benchmarks.is_correct(name, answer, rows[i])) if builtin(name) else None
-        graded = grade(tokenizer, texts, golds, [generated.records[i] for i in range(len(rows))], checker)
+        graded = grade_rows(tokenizer, name, rows, answer_field, texts, generated.records)
         summary = summarize(graded, model=model_path, adapter=adapter, benchmark=name, path=path)
         summary.update(
             max_new_tokens=max_new_tokens,
@@ -102,6 +100,13 @@ def evaluate(
         )
     dist.barrier()
     return json.loads((arm / f"{name}.summary.json").read_text())
+
+
+def grade_rows(tokenizer, name: str, rows: list[dict], answer_field: str, texts, records) -> list[dict]:
+    """Graded rows in question order; a built-in benchmark is judged by its own checker."""
+    golds = [gold_answer(row, name, answer_field) for row in rows]
+    checker = (lambda answer, i: benchmarks.is_correct(name, answer, rows[i])) if builtin(name) else None
+    return grade(tokenizer, texts, golds, [records[i] for i in range(len(rows))], checker)
 
 
 def builtin(benchmark: str) -> bool:

@@ -114,7 +114,7 @@ def test_preprocess_then_train_with_the_plugin(packing, tmp_path, tiny_model, ti
     assert "train_loss" in log
     assert (tmp_path / "out" / "adapter_model.safetensors").exists()
     if not packing:
-        (summary,) = (tmp_path / "out" / "eval").glob("*.summary.json")
+        (summary,) = (tmp_path / "out" / "eval").glob("*/*.summary.json")
         graded = json.loads(summary.read_text())
         expected = (3, str(tiny_model), str(tmp_path / "out"))
         assert (graded["n"], graded["model"], graded["adapter"]) == expected, "graded this run's adapter"

@@ -12,6 +12,7 @@ from click.testing import CliRunner
 from test_axolotl_e2e import write_config
 
 from axolotl_upft.cli import main
+from axolotl_upft.evaluate import arm_name
 
 pytestmark = pytest.mark.slow
 
@@ -85,7 +86,8 @@ def test_eval_grades_a_jsonl_benchmark_and_prints_its_summary(tmp_path, tiny_mod
     assert result.exit_code == 0, result.output
     summary = json.loads(result.stdout)
     assert (summary["benchmark"], summary["n"]) == ("bench", 2)
-    assert len((tmp_path / "eval" / "bench.jsonl").read_text().splitlines()) == 2
+    arm = tmp_path / "eval" / arm_name(str(tiny_model), None)
+    assert len((arm / "bench.jsonl").read_text().splitlines()) == 2
     assert "| bench | 2 |" in (tmp_path / "eval" / "results.md").read_text()
 
 

@@ -189,20 +189,19 @@ def test_an_adapter_is_merged_and_gets_its_own_table_row(model_dir, tmp_path, ca
     adapter = str(tmp_path / "adapter")
 
     base_summary = run(model_dir, tmp_path / "out", limit=2)
-    base_rows = read_jsonl(tmp_path / "out" / "gsm8k.jsonl")
     summary = run(model_dir, tmp_path / "out", limit=2, adapter=adapter)
 
     assert summary["adapter"] == adapter
-    assert [r["prediction"] for r in read_jsonl(tmp_path / "out" / "gsm8k.jsonl")] != [
-        r["prediction"] for r in base_rows
-    ], "the adapter changed what was generated"
+    base_rows = read_jsonl(arm(tmp_path / "out", model_dir) / "gsm8k.jsonl")
+    adapter_rows = read_jsonl(arm(tmp_path / "out", model_dir, adapter) / "gsm8k.jsonl")
+    assert [r["prediction"] for r in adapter_rows] != [r["prediction"] for r in base_rows], (
+        "the adapter changed what was generated"
+    )
     assert sum(n for _, n in calls) == 4  # the adapter's generations are not the base model's cache
     table = ev.read_results(tmp_path / "out" / "results.md")
     assert [row[:3] for row in table] == [[model_dir, "-", "gsm8k"], [model_dir, adapter, "gsm8k"]]
     assert table[0][4] == f"{base_summary['accuracy']:.2f}"
     # Both arms' per-question rows survive in one output folder: paired tests need them.
-    base_rows = read_jsonl(arm(tmp_path / "out", model_dir) / "gsm8k.jsonl")
-    adapter_rows = read_jsonl(arm(tmp_path / "out", model_dir, adapter) / "gsm8k.jsonl")
     assert len(base_rows) == len(adapter_rows) == 2
     assert (
         json.loads((arm(tmp_path / "out", model_dir, adapter) / "gsm8k.summary.json").read_text()) == summary
