@@ -17,7 +17,7 @@ from pathlib import Path
 
 from .cache import Record, SampleCache, atomic_write_text, digest
 from .distributed import Distributed
-from .generation import HFSampler, load_model, sampling_device
+from .generation import HFSampler, call_sizes, load_model, sampling_device
 from .grading import BENCHMARKS, benchmark_path, extract_answer, gold_answer, is_equivalent
 from .loop import Prompt, generate_all
 from .prompts import chat_messages, check_tokenizer, pad_token_id, question_text, render_prompt_ids
@@ -66,8 +66,8 @@ def evaluate(
     generated = generate_all(
         requests,
         cache,
-        lambda: HFSampler(load_eval_model(model_path, adapter)),
-        sizes={KIND: batch_size},
+        lambda: HFSampler(load_eval_model(model_path, adapter), running=batch_size),
+        sizes=call_sizes({KIND: batch_size}, "hf", "dynamic"),
         limits={KIND: max_new_tokens},
         options=GREEDY | {"stop_ids": stops, "pad_id": pad_token_id(tokenizer)},
         seed=0,

@@ -145,12 +145,13 @@ def sample_questions(
     dist: Distributed | None = None,
 ) -> dict[int, Record]:
     """Sample every question the cache lacks (this rank's share of batches); return all records."""
-    from .generation import resolve_backend, resolve_batch_sizes
+    from .generation import call_sizes, resolve_backend, resolve_batch_sizes
 
     dist = dist or Distributed()
     limits = {PREFIX: upft.prefix_length, FULL: settings["max_new_tokens"]}
     backend = resolve_backend(upft.sampling.backend)
     sizes = dist.minimum(resolve_batch_sizes(upft.sampling, backend, base_model, widths(questions), limits))
+    sizes = call_sizes(sizes, backend, upft.sampling.cache_implementation)
     generated = generate_all(
         questions,
         cache,
