@@ -18,6 +18,7 @@ AUTO_BATCH = {"cuda": 256, "cpu": 16}  # full-trace batches; on a GPU also cappe
 PREFIX_BATCH_CAP = 2048  # prefix batches hold only prompt + k tokens, so on a GPU they grow up to this
 MEMORY_SHARE = 0.5  # of the GPU memory left after the weights, for one batch's cache, activations and logits
 STATIC_WIDTH = 64  # with a static KV cache, prompt widths are padded to a multiple of this (fewer recompiles)
+DRAW_VERSION = 2  # of the tokens the hf backend draws for a seed; part of the sample cache key
 POOL = 4  # the hf backend decodes a batch size of rows at a time from calls of POOL x that many prompts
 
 

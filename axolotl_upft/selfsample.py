@@ -113,10 +113,13 @@ def sampling_settings(s: SamplingConfig, generation_config: dict) -> dict:
 def open_cache(
     cache_root: str, base_model: str, tokenizer, upft: UPFTConfig, questions: list[Question]
 ) -> tuple[SampleCache, dict, frozenset[int]]:
+    from .generation import DRAW_VERSION
+
     generation_config = read_generation_config(base_model)
     settings = sampling_settings(upft.sampling, generation_config)
     stops = stop_ids(tokenizer, generation_config)
     meta = {
+        "draw_version": DRAW_VERSION,
         "model": model_fingerprint(base_model),
         "tokenizer": [tokenizer.name_or_path, len(tokenizer), tokenizer.eos_token_id],
         "sampling": settings,
