@@ -297,8 +297,8 @@ class HFSampler:
         self.running = running
 
     @classmethod
-    def load(cls, base_model: str, cache_implementation: str = "dynamic") -> "HFSampler":
-        return cls(load_model(base_model, sampling_device()), cache_implementation)
+    def load(cls, base_model: str, cache_implementation: str = "dynamic", running=None) -> "HFSampler":
+        return cls(load_model(base_model, sampling_device()), cache_implementation, running)
 
     def generate(self, prompts: list[list[int]], *, seed: int, **kwargs) -> list[tuple[list[int], bool]]:
         try:
