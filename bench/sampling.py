@@ -7,6 +7,11 @@
 (b) self-SFT: one full trace per question; (c) RFT: --rft-samples full traces per question.
 
   python bench/sampling.py --speed --model M --n 2048 --width 160          # prefix speed vs plain generate
+  python bench/sampling.py --compare --model M --n 32 --batch-size 8 --threads 1  # tokens/s vs plain generate
+
+--compare: plain `generate` on batches of --batch-size against the project's decode loop on pools of 4 such
+batches (--batch-size rows running, refilled as rows stop), same prompts, greedy and sampled, prefixes and
+full traces, alternating which goes first; greedy also counts rows whose tokens differ.
 
 --speed times prefix sampling only (k new tokens, prompts cut or cycled to --width tokens): plain
 `generate` at batch 256 (dynamic cache) against the project's sampler with its own batch sizes
