@@ -32,10 +32,12 @@ $(STAMP): setup.cfg pyproject.toml
 
 setup: $(STAMP)
 
+# the suite, then the CPU half of the GPU check (scripts/gpu_check.sh), so the script cannot rot between GPU runs
 test: setup
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
 	$(PY) -m pytest -q -rs
+	PY=$(PY) bash scripts/gpu_check.sh --dry-run-cpu
 
 $(DEMO_MODEL)/config.json: $(STAMP)
 	$(VENV)/bin/axolotl-upft convert-gguf --out $(DEMO_MODEL)

@@ -67,7 +67,8 @@ class UPFTConfig(BaseModel):
     )
     prefix_instruction: str | None = Field(
         REFERENCE_INSTRUCTION,
-        description="Appended to the user turn of prefix samples; null or '' for none.",
+        description="Joined to the question of prefix samples after one space (as the reference); "
+        "null or '' for none.",
     )
     prefix_eos: bool = Field(True, description="End prefix samples with EOS, inside the loss.")
     question_field: str | None = Field(

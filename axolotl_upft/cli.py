@@ -72,6 +72,8 @@ def sample_command(config):
         loaded = [
             _load_and_process_single_dataset(ds, cfg, tokenizer, "train", cfg.seed)[0] for ds in datasets
         ]
+    except ValueError as err:
+        raise click.UsageError(str(err)) from None
     finally:
         dist.close()
     if dist.rank == 0:

@@ -7,7 +7,7 @@ import os
 from pathlib import Path
 
 import torch
-from transformers import LogitsProcessorList
+from transformers import GenerationConfig, LogitsProcessorList
 
 from .cache import weight_files
 from .decoding import decode_pool, left_pad
@@ -115,6 +115,10 @@ def load_model(base_model: str, device: torch.device, **kwargs):
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     LOG.info("UPFT: loading %s on %s (%s) for self-sampling", base_model, device, dtype)
     model = AutoModelForCausalLM.from_pretrained(base_model, dtype=dtype, **kwargs)
+    # `generate` fills every option a call leaves unset from generation_config.json (no_repeat_ngram_size,
+    # suppress_tokens, bad_words_ids, sequence_bias, ...). A blank config leaves transformers' neutral
+    # defaults, so only what each call passes (upft.sampling) shapes the draw, as with vLLM.
+    model.generation_config = GenerationConfig()
     return model.to(device).eval()
 
 
@@ -325,6 +329,27 @@ class HFSampler:
             )
 
 
+def vllm_sampling_params(
+    count: int, *, max_new_tokens, stop_ids, temperature, top_p, top_k, seed, repetition_penalty=1.0
+) -> list[dict]:
+    """`vllm.SamplingParams` keyword arguments of `count` requests: the hf backend's settings in vLLM's
+    terms (no top-p is 1.0, no top-k is -1) and one seed per request (batch seed + position)."""
+    return [
+        {
+            "n": 1,
+            "temperature": temperature,
+            "top_p": top_p if top_p is not None else 1.0,
+            "top_k": top_k if top_k else -1,
+            "repetition_penalty": repetition_penalty,
+            "max_tokens": max_new_tokens,
+            "stop_token_ids": sorted(stop_ids),
+            "seed": seed + i,
+            "detokenize": False,
+        }
+        for i in range(count)
+    ]
+
+
 class VLLMSampler:
     """vLLM offline engine; every request carries its own seed (batch seed + position)."""
 
@@ -333,41 +358,22 @@ class VLLMSampler:
             raise ImportError('upft.sampling.backend: vllm needs vLLM: pip install "axolotl-upft[vllm]"')
         from vllm import LLM
 
-        self.llm = LLM(model=base_model, tensor_parallel_size=tensor_parallel_size, dtype="bfloat16")
+        # generation_config="vllm": the model's generation_config.json sets no default, as in the hf backend
+        self.llm = LLM(
+            model=base_model,
+            tensor_parallel_size=tensor_parallel_size,
+            dtype="bfloat16",
+            generation_config="vllm",
+        )
 
-    def generate(
-        self,
-        prompts,
-        *,
-        max_new_tokens,
-        stop_ids,
-        pad_id,
-        temperature,
-        top_p,
-        top_k,
-        seed,
-        repetition_penalty=1.0,
-    ):
+    def generate(self, prompts, *, pad_id=None, **options):
         from vllm import SamplingParams, TokensPrompt
 
-        params = [
-            SamplingParams(
-                n=1,
-                temperature=temperature,
-                top_p=top_p if top_p is not None else 1.0,
-                top_k=top_k if top_k else -1,
-                repetition_penalty=repetition_penalty,
-                max_tokens=max_new_tokens,
-                stop_token_ids=sorted(stop_ids),
-                seed=seed + i,
-                detokenize=False,
-            )
-            for i in range(len(prompts))
-        ]
+        params = [SamplingParams(**kwargs) for kwargs in vllm_sampling_params(len(prompts), **options)]
         outputs = self.llm.generate(
             [TokensPrompt(prompt_token_ids=p) for p in prompts], params, use_tqdm=False
         )
-        return [cut_at_stop(list(o.outputs[0].token_ids), stop_ids) for o in outputs]
+        return [cut_at_stop(list(o.outputs[0].token_ids), frozenset(options["stop_ids"])) for o in outputs]
 
 
 def load_sampler(base_model: str, sampling):

@@ -105,24 +105,53 @@ def benchmark_path(name: str, data_dir: str | Path | None = None) -> Path:
     return path
 
 
-_UNIT_TEXT = re.compile(r"\\(?:text|mbox)\{\s[^{}]*\}(?:\^\{?\d\}?)?")
+_UNIT = re.compile(r"\\(?:text|mbox)\{(\s[^{}]*)\}(\^\{?\d\}?)?\s*$")  # a trailing "\text{ cm}^2"
 _TEXT_WRAP = re.compile(r"\\(?:text|textbf|mbox|mathrm)\{([^{}]*)\}")
 _FRAC_DIGITS = re.compile(r"\\frac\s*(\d|\{[^{}]*\})\s*(\d|\{[^{}]*\})")
+_DIGIT_GROUP_SPACE = re.compile(r"(?<=\d)(?:\\,|\{,\})(?=\d{3}(?!\d))")  # 1\,000 and 1{,}000 mean 1,000
 _THOUSANDS = re.compile(r"-?\d{1,3}(?:,\d{3})+(?:\.\d+)?")
+_FORMATTING = ("^\\circ", "^{\\circ}", "°", "\\%", "%", "\\$", "$", "\\,", "\\;", "\\ ")
+_LOOSE_SPACE = re.compile(r"(?<![A-Za-z0-9]) | (?![A-Za-z0-9])")  # a space not between two word characters
+
+
+def _unit(answer: str) -> str:
+    """The trailing unit of an answer (``5 \\text{ cm}^2`` -> ``cm^2``), lower case, or ""."""
+    found = _UNIT.search(str(answer).strip())
+    if not found:
+        return ""
+    return re.sub(r"\s+", "", found[1]).lower() + re.sub(r"[{}]", "", found[2] or "")
+
+
+def _same_unit(a: str, b: str) -> bool:
+    """No unit on one side, or the same unit up to a plural ending (hour/hours, inch/inches)."""
+    if not a or not b:
+        return True
+    short, long = sorted((a, b), key=len)
+    return long in (short, short + "s", short + "es")
 
 
 def normalize(answer: str) -> str:
-    """Canonical text of an answer for a plain string compare (the fallback when math-verify fails)."""
-    s = str(answer).strip()
-    s = _UNIT_TEXT.sub("", s)
+    """Canonical text of an answer for a plain string compare; only formatting is removed.
+
+    Nothing that could change the value is deleted: a unit goes only at the end, and removed formatting
+    and whitespace leave a space between two letters or digits, so ``1 \\text{ hour } 30`` stays apart
+    from ``130`` and ``3 \\text{ or } 5`` from ``35``."""
+    s = _UNIT.sub("", str(answer).strip())
     s = _TEXT_WRAP.sub(r"\1", s)
-    for old, new in (("\\dfrac", "\\frac"), ("\\tfrac", "\\frac"), ("\\left", ""), ("\\right", "")):
+    for old, new in (
+        ("\\dfrac", "\\frac"),
+        ("\\tfrac", "\\frac"),
+        ("\\left", ""),
+        ("\\right", ""),
+        ("\\!", ""),
+    ):
         s = s.replace(old, new)
-    for junk in ("^\\circ", "^{\\circ}", "°", "\\%", "%", "\\$", "$", "\\!", "\\,", "\\;", "\\ "):
-        s = s.replace(junk, "")
-    s = re.sub(r"\s+", "", s)
+    s = _DIGIT_GROUP_SPACE.sub(",", s)
+    for junk in _FORMATTING:
+        s = s.replace(junk, " ")
+    s = _LOOSE_SPACE.sub("", re.sub(r"\s+", " ", s).strip())
     s = _FRAC_DIGITS.sub(lambda m: "\\frac{" + m[1].strip("{}") + "}{" + m[2].strip("{}") + "}", s)
-    s = re.sub(r"\\sqrt(\d)", r"\\sqrt{\1}", s)
+    s = re.sub(r"\\sqrt\s*(\d)", r"\\sqrt{\1}", s)
     s = s.rstrip(".")
     if _THOUSANDS.fullmatch(s):
         s = s.replace(",", "")
@@ -177,8 +206,11 @@ def _timeout_exception() -> type[BaseException]:
 
 
 def is_equivalent(pred: str | None, gold: str, timeout_s: float = 5) -> bool:
-    """Whether ``pred`` is mathematically equal to ``gold`` (math-verify, else normalized text).
+    """Whether ``pred`` is mathematically equal to ``gold``.
 
+    Two answers with different trailing units are not equal (math-verify drops units). Equal normalized
+    text is equal at once (``normalize`` removes only formatting); everything else is math-verify's
+    verdict, and when math-verify fails or runs past the timeout, the answers count as different.
     On the main thread ``timeout_s`` bounds each math-verify step (rounded up to whole seconds);
     elsewhere it bounds the whole check.
     """
@@ -186,19 +218,18 @@ def is_equivalent(pred: str | None, gold: str, timeout_s: float = 5) -> bool:
     if pred is None or gold is None:
         return False
     pred, gold = str(pred).strip(), str(gold).strip()
-    if not pred or not gold:
+    if not pred or not gold or not _same_unit(_unit(pred), _unit(gold)):
         return False
-    same_text = normalize(pred) == normalize(gold)
-    if same_text:
+    if normalize(pred) == normalize(gold):
         return True
     try:
         verdict = _math_verify_bounded(pred, gold, timeout_s)
     # sympy can raise nearly anything on odd input, and one bad answer must not crash an eval run:
-    # any failure falls back to the text compare.
+    # any failure leaves the text compare's verdict (not equal).
     except (Exception, timeout_exception) as err:  # noqa: BLE001
         LOG.debug("math-verify failed on %r vs gold %r: %r", pred[:80], gold[:80], err)
         verdict = None
-    return same_text if verdict is None else verdict
+    return bool(verdict)
 
 
 def is_correct(tokenizer, ids: list[int], gold: str) -> bool:

@@ -11,7 +11,7 @@ from axolotl.integrations.base import BasePlugin
 from .args import ARGS_PATH, UPFTConfig
 from .cache import weight_files
 
-HASHED_CFG_KEYS = ("upft", "base_model")
+HASHED_CFG_KEYS = ("upft", "base_model", "upft_model")  # upft_model: set by load_datasets
 LOG = logging.getLogger(__name__)
 
 
@@ -34,6 +34,15 @@ class UPFTPlugin(BasePlugin):
         # Axolotl's prepared-data hash ignores plugin keys; UPFT rows depend on these.
         missing = tuple(k for k in HASHED_CFG_KEYS if k not in shared.DATASET_HASH_CONFIG_EXTRA_FIELDS)
         shared.DATASET_HASH_CONFIG_EXTRA_FIELDS = shared.DATASET_HASH_CONFIG_EXTRA_FIELDS + missing
+
+    def load_datasets(self, cfg, preprocess: bool = False):
+        """Runs before Axolotl hashes and loads the data: the model's fingerprint (the sample cache
+        key's files, sizes and dates, or a hub id's revision) joins the hash, so changed weights
+        rebuild the rows."""
+        if cfg.get("upft") is not None:
+            from .selfsample import model_fingerprint
+
+            cfg["upft_model"] = model_fingerprint(cfg.base_model)
 
     def get_trainer_cls(self, cfg):
         """`upft.loss_normalization: sample` (the default): every row weighs the same, as at micro-batch 1."""

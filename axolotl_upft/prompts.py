@@ -53,8 +53,9 @@ def _auto_question(row: dict[str, Any], index: int) -> tuple[Any, str]:
 
 
 def chat_messages(question: str, system_prompt: str | None, instruction: str | None = None) -> list[dict]:
-    """The chat turns of one prompt; the prefix instruction goes at the end of the user turn."""
-    user = question if not instruction else f"{question}\n{instruction}"
+    """The chat turns of one prompt; the prefix instruction ends the user turn after one space, as in the
+    reference (`question + " " + instruction`)."""
+    user = question if not instruction else f"{question} {instruction}"
     system = [{"role": "system", "content": system_prompt}] if system_prompt else []
     return system + [{"role": "user", "content": user}]
 

@@ -75,27 +75,44 @@ def stop_ids(tokenizer, generation_config: dict) -> frozenset[int]:
 
 def read_generation_config(base_model: str) -> dict:
     """The model's own generation_config.json, read raw: unset keys stay unset (as vLLM reads it)."""
-    local = Path(base_model) / "generation_config.json"
-    if local.exists():
-        return json.loads(local.read_text())
-    try:
-        from huggingface_hub import hf_hub_download
+    path = Path(base_model)
+    if path.is_dir():
+        local = path / "generation_config.json"
+        return json.loads(local.read_text()) if local.exists() else {}
+    from huggingface_hub import hf_hub_download
+    from huggingface_hub.errors import RemoteEntryNotFoundError
 
+    try:
         return json.loads(Path(hf_hub_download(base_model, "generation_config.json")).read_text())
-    except Exception as err:  # noqa: BLE001 - any hub/IO failure means "no generation config"
-        LOG.info("UPFT: no generation_config.json for %s (%s); using sampler defaults", base_model, err)
-        return {}
+    except RemoteEntryNotFoundError:
+        LOG.info("UPFT: %s has no generation_config.json; using sampler defaults", base_model)
+    except OSError as err:  # no network, offline and not cached, HTTP errors
+        LOG.warning(
+            "UPFT: could not read generation_config.json of %s (%s): its top_p, top_k and EOS ids are not "
+            "applied. Set upft.sampling.top_p / top_k, or make the file reachable.",
+            base_model,
+            err,
+        )
+    return {}
+
+
+def hub_revision(name: str) -> str:
+    """The commit a hub model id resolves to now: the snapshot folder of its config.json (online/cached)."""
+    from huggingface_hub import hf_hub_download
+
+    return Path(hf_hub_download(name, "config.json")).parent.name
 
 
 def model_fingerprint(base_model: str) -> dict:
-    """Identity of the sampling model without reading its weights: path, config, weight files."""
+    """Identity of a model without reading its weights: a folder's config and weight files (names, sizes,
+    dates), or a hub id with the revision it resolves to."""
     path = Path(base_model)
     if not path.is_dir():
-        return {"name": base_model}
+        return {"name": base_model, "revision": hub_revision(base_model)}
     files = sorted([*weight_files(path), *path.glob("*.json")])
     return {
         "path": str(path.resolve()),
-        "files": [[p.name, p.stat().st_size, int(p.stat().st_mtime)] for p in files],
+        "files": [[p.name, p.stat().st_size, p.stat().st_mtime_ns] for p in files],
     }
 
 

@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -104,13 +105,19 @@ def test_preprocess_then_train_with_the_plugin(packing, tmp_path, tiny_model, ti
     assert_mask_rules(rows, tiny_tokenizer, k=6)
     assert ("position_ids" in rows[0]) == packing
 
+    # Without the sample cache, only the prepared rows can spare train a second sampling.
+    shutil.rmtree(tmp_path / "prepared" / "upft_samples")
+    prepared = sorted((tmp_path / "prepared").iterdir())
     log = axolotl("train", config)
     assert "UPFT sampling" not in log, "train reuses the prepared rows: nothing is sampled twice"
+    assert sorted((tmp_path / "prepared").iterdir()) == prepared, "no new prepared dataset, no new samples"
     assert "train_loss" in log
     assert (tmp_path / "out" / "adapter_model.safetensors").exists()
     if not packing:
         (summary,) = (tmp_path / "out" / "eval").glob("*.summary.json")
-        assert json.loads(summary.read_text())["n"] == 3, "eval_after_train graded the saved adapter"
+        graded = json.loads(summary.read_text())
+        expected = (3, str(tiny_model), str(tmp_path / "out"))
+        assert (graded["n"], graded["model"], graded["adapter"]) == expected, "graded this run's adapter"
 
 
 def test_changing_an_upft_setting_makes_a_new_prepared_dataset(tmp_path, tiny_model, questions):
@@ -142,3 +149,31 @@ def test_a_plugin_that_fails_to_import_stops_the_run(tmp_path, tiny_model, quest
     )
     assert done.returncode != 0
     assert "NoSuchPlugin" in done.stdout + done.stderr
+
+
+@pytest.mark.parametrize(
+    ("dataset_type", "message"),
+    [
+        ("axolotl_upft.dataset", "needs the UPFT plugin: add `plugins: [axolotl_upft.UPFTPlugin]`"),
+        ("upft", "unhandled prompt tokenization strategy: upft"),
+    ],
+)
+def test_a_upft_dataset_without_the_plugin_stops_preprocess(
+    dataset_type, message, tmp_path, tiny_model, questions
+):
+    config = write_config(tmp_path, tiny_model, questions)
+    cfg = yaml.safe_load(config.read_text())
+    del cfg["plugins"]
+    cfg["datasets"][0]["type"] = dataset_type
+    config.write_text(yaml.safe_dump(cfg))
+    env = dict(os.environ, PATH=f"{Path(sys.executable).parent}:{os.environ['PATH']}")
+    done = subprocess.run(
+        [sys.executable, "-m", "axolotl.cli.main", "preprocess", str(config)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+    assert done.returncode != 0 and message in done.stdout + done.stderr, (done.stdout + done.stderr)[-3000:]
+    assert not (tmp_path / "prepared" / "upft_samples").exists(), "nothing was sampled"

@@ -83,14 +83,24 @@ def test_a_new_draw_version_of_the_sampler_starts_a_new_cache(
 def test_settings_that_only_shape_rows_reuse_the_samples(
     questions, tiny_model, tiny_tokenizer, tmp_path, counted
 ):
-    run(questions, tiny_model, tiny_tokenizer, tmp_path)
+    from axolotl_upft.prompts import chat_messages, render_prompt_ids
+
+    first = run(questions, tiny_model, tiny_tokenizer, tmp_path)
     rows = run(questions, tiny_model, tiny_tokenizer, tmp_path, prefix_eos=False, prefix_instruction=None)
-    assert counted["questions"] == 16
-    assert all(
-        r.input_ids[-1] != tiny_tokenizer.eos_token_id
-        for r in rows
-        if r.kind == "prefix" and r.num_trained == 4
-    )
+    assert counted["questions"] == 16, "the second run sampled nothing"
+    eos, cut = tiny_tokenizer.eos_token_id, 0
+    for before, after, question in zip(first, rows, questions[:16]):
+        bare = render_prompt_ids(tiny_tokenizer, chat_messages(question["question"], None))
+        response = [t for t in before.labels if t != -100]
+        if after.kind == "full":
+            assert after == before
+            continue
+        assert len(before.input_ids) - len(response) > len(bare), "the first run's prompt had the instruction"
+        if len(response) == 4 + 1 and response[-1] == eos:  # k = 4 generated ids, then prefix_eos's EOS
+            response, cut = response[:-1], cut + 1
+        assert after.input_ids == bare + response, "instruction null: the bare prompt, the same sample"
+        assert after.labels == [-100] * len(bare) + response
+    assert cut > 0, "some prefix reached k tokens, so prefix_eos: false shows"
 
 
 def test_interrupted_run_resumes_with_the_missing_questions_only(
@@ -134,3 +144,100 @@ def test_summary_counts_questions_kinds_and_tokens(questions, tiny_model, tiny_t
     assert (summary["questions"], summary["prefix"], summary["full"]) == (16, 12, 4)
     assert summary["tokens_generated"] == sum(len(r["ids"]) for r in records)
     assert all(len(r["ids"]) <= 4 for r in records if r["kind"] == "prefix")
+
+
+def prepared_data_hash(base_model: str) -> str:
+    """Axolotl's own prepared-data hash of a `type: upft` config, after the plugin's hooks ran as in a run."""
+    from axolotl.utils.data.shared import generate_dataset_hash_from_config
+
+    from axolotl_upft.plugin import UPFTPlugin
+
+    cfg = DictDefault(
+        {
+            "base_model": base_model,
+            "upft": {"prefix_length": 4},
+            "datasets": [{"path": "questions.jsonl", "type": "upft"}],
+        }
+    )
+    plugin = UPFTPlugin()
+    plugin.register(cfg)
+    assert plugin.load_datasets(cfg, preprocess=True) is None, "the hook only adds to the hash; Axolotl loads"
+    return generate_dataset_hash_from_config(cfg, cfg.datasets, "tokenizer")
+
+
+def test_weights_changed_in_place_change_the_prepared_data_hash_and_the_sample_cache(
+    questions, tiny_model, tiny_tokenizer, tmp_path, counted
+):
+    import shutil
+
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    model = tmp_path / "model"
+    shutil.copytree(tiny_model, model)
+    before = prepared_data_hash(str(model))
+    assert prepared_data_hash(str(model)) == before, "same files, same hash"
+    run(questions, model, tiny_tokenizer, tmp_path / "samples")
+    # a second UPFT round saved into the same folder: same names, same sizes, other weights
+    trained = AutoModelForCausalLM.from_pretrained(model)
+    with torch.no_grad():
+        for p in trained.parameters():
+            p.add_(0.01)
+    size = (model / "model.safetensors").stat().st_size
+    trained.save_pretrained(model)
+    assert (model / "model.safetensors").stat().st_size == size
+    assert prepared_data_hash(str(model)) != before, "axolotl train must not reuse rows of the old weights"
+    run(questions, model, tiny_tokenizer, tmp_path / "samples")
+    assert counted["questions"] == 32, "the sample cache sampled the new weights again"
+
+
+def fake_hub_snapshot(cache, repo: str, revision: str) -> None:
+    """A model in the local hub cache, as a download leaves it: snapshots/<commit>/ and refs/main."""
+    folder = cache / f"models--{repo.replace('/', '--')}"
+    (folder / "snapshots" / revision).mkdir(parents=True)
+    (folder / "snapshots" / revision / "config.json").write_text(json.dumps({"model_type": "llama"}))
+    (folder / "refs").mkdir(exist_ok=True)
+    (folder / "refs" / "main").write_text(revision)
+
+
+def test_a_hub_model_is_keyed_by_the_revision_it_resolves_to(monkeypatch, tmp_path):
+    from huggingface_hub import constants
+
+    from axolotl_upft.selfsample import model_fingerprint
+
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path))
+    old, new = "a" * 40, "b" * 40
+    fake_hub_snapshot(tmp_path, "acme/tiny-math", old)
+    assert model_fingerprint("acme/tiny-math") == {"name": "acme/tiny-math", "revision": old}
+    before = prepared_data_hash("acme/tiny-math")
+    fake_hub_snapshot(tmp_path, "acme/tiny-math", new)  # the hub's main moved on; the next download gets it
+    assert model_fingerprint("acme/tiny-math")["revision"] == new
+    assert prepared_data_hash("acme/tiny-math") != before
+
+
+def test_generation_config_is_read_from_a_folder_or_the_hub_cache_and_a_failed_read_is_a_warning(
+    monkeypatch, tmp_path, caplog
+):
+    from huggingface_hub import constants
+
+    from axolotl_upft.selfsample import read_generation_config
+
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    folder = tmp_path / "local"
+    folder.mkdir()
+    assert read_generation_config(str(folder)) == {}, "a folder without the file: no hub call, no warning"
+    (folder / "generation_config.json").write_text('{"top_p": 0.8}')
+    assert read_generation_config(str(folder)) == {"top_p": 0.8}
+    fake_hub_snapshot(tmp_path / "hub", "acme/tiny-math", "c" * 40)
+    snapshot = tmp_path / "hub" / "models--acme--tiny-math" / "snapshots" / ("c" * 40)
+    (snapshot / "generation_config.json").write_text('{"top_k": 20}')
+    assert read_generation_config("acme/tiny-math") == {"top_k": 20}
+    with caplog.at_level("INFO", logger="axolotl_upft"):
+        assert read_generation_config("acme/not-downloaded") == {}
+    (warning,) = [r for r in caplog.records if r.name.startswith("axolotl_upft")]
+    assert warning.levelname == "WARNING" and "top_p, top_k" in warning.getMessage()
+    (folder / "generation_config.json").write_text('{"top_p": ')
+    with pytest.raises(json.JSONDecodeError):
+        read_generation_config(str(folder))  # a broken file is an error, not "no generation config"

@@ -82,3 +82,58 @@ def test_prompt_longer_than_sequence_len_names_the_row_and_its_length(tiny_token
     rows = [{"question": "How many ?"}, {"question": " ".join(["clips"] * 80)}]
     with pytest.raises(ValueError, match=r"row 1: its prompt is \d+ tokens.*sequence_len=40"):
         run(rows, tiny_tokenizer, tiny_model, tmp_path, sequence_len=40, structure_ratio=0.0)
+
+
+def test_rows_longer_than_sequence_len_lose_their_last_tokens_and_the_log_counts_them(
+    tiny_tokenizer, tiny_model, tmp_path, questions, caplog
+):
+    rows = [{"question": q["question"]} for q in questions[:4]]
+    options = {"structure_ratio": 1.0, "sampling": {"max_new_tokens": 24, "batch_size": 4}}
+    whole = run(rows, tiny_tokenizer, tiny_model, tmp_path, sequence_len=512, **options)
+    sequence_len = max(len(r.input_ids) - r.num_trained for r in whole) + 3  # every prompt fits, whole
+    with caplog.at_level("WARNING", logger="axolotl_upft"):
+        cut = run(rows, tiny_tokenizer, tiny_model, tmp_path, sequence_len=sequence_len, **options)
+    longer = sum(len(r.input_ids) > sequence_len for r in whole)
+    assert longer > 0, "some trace is longer than sequence_len, or this test proves nothing"
+    for before, after in zip(whole, cut):
+        assert after.input_ids == before.input_ids[:sequence_len]
+        assert after.labels == before.labels[:sequence_len]
+    assert f"{longer} rows were longer than sequence_len={sequence_len}" in caplog.text
+
+
+@pytest.mark.parametrize(
+    ("row", "question"),
+    [
+        (
+            {
+                "messages": [
+                    {"role": "system", "content": "Be brief ."},
+                    {"role": "user", "content": "How many clips ?"},
+                    {"role": "assistant", "content": "72"},
+                ]
+            },
+            "How many clips ?",
+        ),
+        ({"instruction": "How many clips ?", "output": "72"}, "How many clips ?"),
+        ({"problem": "How many clips ?", "instruction": "Solve ."}, "How many clips ?"),
+    ],
+    ids=["messages", "instruction", "problem-before-instruction"],
+)
+def test_questions_come_from_messages_or_instruction_rows(
+    row, question, tiny_tokenizer, tiny_model, tmp_path
+):
+    from axolotl_upft.prompts import chat_messages, render_prompt_ids
+    from axolotl_upft.rows import IGNORE_INDEX
+
+    (built,) = run(
+        [row],
+        tiny_tokenizer,
+        tiny_model,
+        tmp_path,
+        structure_ratio=1.0,
+        sampling={"max_new_tokens": 4, "batch_size": 1},
+    )
+    prompt = render_prompt_ids(tiny_tokenizer, chat_messages(question, None))
+    assert built.input_ids[: len(prompt)] == prompt
+    assert built.labels[: len(prompt)] == [IGNORE_INDEX] * len(prompt)
+    assert built.num_trained == len(built.input_ids) - len(prompt), "only the sampled response is trained"

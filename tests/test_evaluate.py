@@ -176,13 +176,35 @@ def test_an_adapter_is_merged_and_gets_its_own_table_row(model_dir, tmp_path, ca
     adapter = str(tmp_path / "adapter")
 
     base_summary = run(model_dir, tmp_path / "out", limit=2)
+    base_rows = read_jsonl(tmp_path / "out" / "gsm8k.jsonl")
     summary = run(model_dir, tmp_path / "out", limit=2, adapter=adapter)
 
     assert summary["adapter"] == adapter
+    assert [r["prediction"] for r in read_jsonl(tmp_path / "out" / "gsm8k.jsonl")] != [
+        r["prediction"] for r in base_rows
+    ], "the adapter changed what was generated"
     assert sum(n for _, n, _ in calls) == 4  # the adapter's generations are not the base model's cache
     table = ev.read_results(tmp_path / "out" / "results.md")
     assert [row[:3] for row in table] == [[model_dir, "-", "gsm8k"], [model_dir, adapter, "gsm8k"]]
     assert table[0][4] == f"{base_summary['accuracy']:.2f}"
+
+
+def test_the_eval_model_with_an_adapter_has_the_peft_models_logits_not_the_bases(model_dir, tmp_path):
+    import torch
+    from peft import LoraConfig, PeftModel, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    config = LoraConfig(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False)
+    adapter = tmp_path / "adapter"
+    get_peft_model(AutoModelForCausalLM.from_pretrained(model_dir), config).save_pretrained(adapter)
+    ids = torch.tensor([[4, 5, 6, 7, 8, 9]])
+    with torch.no_grad():
+        merged = ev.load_eval_model(model_dir, str(adapter))(input_ids=ids).logits
+        base = ev.load_eval_model(model_dir, None)(input_ids=ids).logits
+        peft = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(model_dir), adapter)
+        unmerged = peft.eval()(input_ids=ids).logits
+    torch.testing.assert_close(merged, unmerged, atol=1e-4, rtol=1e-4)
+    assert (merged - base).abs().max() > 1e-3
 
 
 def test_results_table_refreshes_a_row_in_place_and_escapes_pipes(tmp_path):

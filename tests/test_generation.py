@@ -298,3 +298,56 @@ def test_decode_loop_refilling_finished_rows_keeps_transformers_greedy_tokens(
     sampled = generation.generate_batch(model, prompts, temperature=0.7, seed=3, running=running, **options)
     again = generation.generate_batch(model, prompts, temperature=0.7, seed=3, running=running, **options)
     assert sampled == again and sampled != got
+
+
+@pytest.mark.parametrize("key", ["no_repeat_ngram_size", "suppress_tokens", "bad_words_ids", "sequence_bias"])
+def test_generation_config_keys_outside_upft_sampling_do_not_shape_the_hf_draw(
+    key, tiny_model, tiny_tokenizer, tmp_path, questions
+):
+    import shutil
+
+    from transformers import GenerationConfig
+
+    from axolotl_upft.prompts import chat_messages, render_prompt_ids
+
+    prompts = [render_prompt_ids(tiny_tokenizer, chat_messages(q["question"], None)) for q in questions[:4]]
+    eos = tiny_tokenizer.eos_token_id
+    options = {
+        "max_new_tokens": 12,
+        "stop_ids": frozenset({eos}),
+        "pad_id": tiny_tokenizer.pad_token_id,
+        "top_p": None,
+        "top_k": None,
+    }
+    plain_model = generation.load_model(str(tiny_model), torch.device("cpu"))
+    greedy = generation.generate_batch(plain_model, prompts, temperature=0.0, seed=0, **options)
+    sampled = generation.generate_batch(plain_model, prompts, temperature=0.7, seed=3, **options)
+    drawn = sorted({t for ids, _ in greedy + sampled for t in ids} - {eos})
+    assert any(len(set(ids)) < len(ids) for ids, _ in greedy), "greedy repeats a token: n-gram blocking shows"
+    value = {
+        "no_repeat_ngram_size": 1,
+        "suppress_tokens": drawn,
+        "bad_words_ids": [[t] for t in drawn],
+        "sequence_bias": [[[t], -100.0] for t in drawn],
+    }[key]
+    shaped = tmp_path / "shaped"
+    shutil.copytree(tiny_model, shaped)
+    config = json.loads((shaped / "generation_config.json").read_text())
+    (shaped / "generation_config.json").write_text(json.dumps(config | {key: value}))
+    model = generation.load_model(str(shaped), torch.device("cpu"))
+    assert generation.generate_batch(model, prompts, temperature=0.0, seed=0, **options) == greedy
+    assert generation.generate_batch(model, prompts, temperature=0.7, seed=3, **options) == sampled
+    # the same key, as transformers applies it from the file, changes the greedy draw
+    ids, mask = generation.left_pad(prompts, options["pad_id"], model.device)
+    out = model.generate(
+        input_ids=ids,
+        attention_mask=mask,
+        max_new_tokens=12,
+        eos_token_id=eos,
+        pad_token_id=options["pad_id"],
+        do_sample=False,
+        generation_config=GenerationConfig.from_pretrained(shaped),
+    )
+    assert [
+        generation.cut_at_stop(row, frozenset({eos})) for row in out[:, ids.shape[1] :].tolist()
+    ] != greedy

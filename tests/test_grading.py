@@ -123,6 +123,26 @@ ANSWER_PAIRS = [
         "\\begin{pmatrix} -2 \\\\ -7 \\\\ -14 \\end{pmatrix}",
         False,
     ),
+    # separate numbers, or numbers with their units, never merge into one number
+    ("130", "1 \\text{ hour } 30 \\text{ minutes}", False),
+    ("35", "3 \\text{ or } 5", False),
+    ("5 \\text{ cm}", "5 \\text{ meters}", False),
+    ("215", "2 \\text{ hours and } 15 \\text{ minutes}", False),
+    ("34", "3 \\text{ and } 4", False),
+    ("520", "5 \\text{ m } 20 \\text{ cm}", False),
+    ("12", "1\\text{ to }2", False),
+    ("250", "\\$2 \\text{ and } \\$50", False),
+    ("3015", "30^\\circ 15", False),
+    ("23", "2\\;3", False),
+    ("12", "1\\ 2", False),
+    ("12", "1 2", False),
+    ("15\\mbox{ cm}^2", "15 \\text{ cm}", False),
+    ("15\\mbox{ cm}^2", "15 \\text{ cm}^2", True),
+    ("3 \\text{ hours}", "3 \\text{ hour}", True),
+    ("4 \\text{ inches}", "4 \\text{ inch}", True),
+    ("5 \\text{ cm}", "5", True),
+    ("1000", "1\\,000", True),
+    ("1000", "1{,}000", True),
     ("025", "25", True),
     ("073", "37", False),
     ("27", "27.0", True),
@@ -177,6 +197,8 @@ def test_a_math_verify_failure_falls_back_to_the_normalized_text_compare(monkeyp
     monkeypatch.setattr(grading, "_math_verify", fail)
     assert is_equivalent("\\dfrac{1}{2}", "\\frac12") is True  # equal as text, math-verify not needed
     assert is_equivalent("0.5", "\\frac{1}{2}") is False
+    assert is_equivalent("1 \\text{ hour } 30 \\text{ minutes}", "130") is False
+    assert is_equivalent("3 \\text{ or } 5", "35") is False
 
 
 @pytest.mark.parametrize(
@@ -193,6 +215,11 @@ def test_a_math_verify_failure_falls_back_to_the_normalized_text_compare(monkeyp
         ("\\left( 1, 2 \\right)", "(1,2)"),
         ("(2,12) \\cup (12,102)", "(2,12)\\cup(12,102)"),
         ("42.", "42"),
+        ("1 \\text{ hour } 30 \\text{ minutes}", "1 hour 30"),
+        ("3 \\text{ or } 5", "3 or 5"),
+        ("1\\ 2", "1 2"),
+        ("30^\\circ 15", "30 15"),
+        ("1\\,000", "1000"),
     ],
 )
 def test_normalize_strips_only_formatting(answer, expected):

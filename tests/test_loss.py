@@ -98,7 +98,7 @@ def micro_batches(rows, layout) -> list[dict[str, torch.Tensor]]:
     return [layout([rows[i] for i in indices]) for indices in MICRO_BATCHES]
 
 
-def make_trainer(base, tmp_path, loss_normalization="sample", **kwargs):
+def make_trainer(base, tmp_path, **kwargs):
     args_cls = AxolotlTrainingArguments if issubclass(base, AxolotlTrainer) else TrainingArguments
     args = args_cls(
         output_dir=str(tmp_path),
@@ -107,12 +107,7 @@ def make_trainer(base, tmp_path, loss_normalization="sample", **kwargs):
         average_tokens_across_devices=base is not AxolotlTrainer,  # Axolotl turns it off
         report_to=[],
     )
-    # token mode is Axolotl's own trainer, untouched: the plugin installs no trainer for it
-    cls = (
-        sample_normalized_trainer(base, prefix_length=PREFIX_LENGTH)
-        if loss_normalization == "sample"
-        else base
-    )
+    cls = sample_normalized_trainer(base, prefix_length=PREFIX_LENGTH)
     return cls(model=tiny_model(), args=args, **kwargs)
 
 
@@ -182,12 +177,31 @@ def test_sample_mode_with_accumulation_gives_the_micro_batch_one_loss_and_gradie
     assert not torch.allclose(reference["sample"]["loss"], reference["token"]["loss"], atol=1e-3)
 
 
-@pytest.mark.parametrize("base", [Trainer, AxolotlTrainer])
-def test_token_mode_keeps_the_default_token_mean_loss(rows, reference, base, tmp_path):
-    trainer = make_trainer(base, tmp_path, loss_normalization="token")
+@pytest.mark.parametrize("mode", ["sample", "token"])
+def test_the_trainer_axolotl_builds_with_the_plugin_gives_each_modes_loss_and_gradient(
+    rows, reference, mode, tmp_path
+):
+    from axolotl.core.builders.causal import HFCausalTrainerBuilder
+    from axolotl.integrations.base import PluginManager
+    from axolotl.utils.dict import DictDefault
+
+    PluginManager.get_instance().register("axolotl_upft.UPFTPlugin")
+    cfg = DictDefault(
+        {
+            "base_model": "tiny",
+            "model_config_type": "llama",
+            "upft": {"prefix_length": PREFIX_LENGTH, "loss_normalization": mode},
+        }
+    )
+    cls = HFCausalTrainerBuilder(cfg, tiny_model(), None)._get_trainer_cls()  # Axolotl's own choice
+    assert issubclass(cls, AxolotlTrainer)
+    args = AxolotlTrainingArguments(
+        output_dir=str(tmp_path), use_cpu=True, report_to=[], gradient_accumulation_steps=len(MICRO_BATCHES)
+    )
+    trainer = cls(model=tiny_model(), args=args)
     loss, _ = accumulate(trainer, micro_batches(rows, packed))
-    torch.testing.assert_close(loss, reference["token"]["loss"], atol=1e-5, rtol=1e-5)
-    assert_grads_close(grads(trainer.model), reference["token"]["grads"])
+    torch.testing.assert_close(loss, reference[mode]["loss"], atol=1e-5, rtol=1e-5)
+    assert_grads_close(grads(trainer.model), reference[mode]["grads"])
 
 
 def test_the_logs_carry_prefix_and_full_row_losses_and_tokens_per_step(rows, reference, tmp_path):

@@ -79,7 +79,19 @@ def test_sft_trains_one_full_self_trace_per_question_without_the_instruction(
 ):
     rows = run(tiny_tokenizer, tiny_model, tmp_path, mode="sft")
     assert [r.kind for r in rows] == [FULL, FULL, FULL]
-    assert [response(r) for r in rows] == [scripted("clips", 0), scripted("eggs", 0), scripted("cups", 0)]
+    for row, source, topic in zip(rows, ROWS, ("clips", "eggs", "cups")):
+        bare = render_prompt_ids(tiny_tokenizer, chat_messages(source["question"], None))
+        assert row.input_ids == bare + scripted(topic, 0), "the bare question's prompt, then the first sample"
+        assert row.labels == [IGNORE_INDEX] * len(bare) + scripted(topic, 0)
+
+
+def test_rft_where_no_question_has_a_correct_sample_is_an_error_not_an_empty_dataset(
+    scripted, tiny_tokenizer, tiny_model, tmp_path
+):
+    cfg = DictDefault({"base_model": str(tiny_model), "sequence_len": 256})
+    upft = UPFTConfig(cache_dir=str(tmp_path), num_samples=3, mode="rft")
+    with pytest.raises(ValueError, match=r"no question kept a correct sample \(num_samples=3\).*num_samples"):
+        build_rows([ROWS[1]], tiny_tokenizer, cfg, upft)  # "eggs": 7, 8, 10 against the gold 9
 
 
 def test_rft_without_gold_answers_names_the_row_and_the_key(tiny_tokenizer, tiny_model, tmp_path):

@@ -1,5 +1,7 @@
 """Exact token ids and labels of UPFT rows, and the structure split."""
 
+import re
+
 import pytest
 
 from axolotl_upft.args import REFERENCE_INSTRUCTION
@@ -32,6 +34,59 @@ def test_prefix_prompt_appends_the_reference_instruction_to_the_user_turn(tiny_t
         + " <|im_end|> <|im_start|> assistant"
     )
     assert prompt == ids(tiny_tokenizer, expected)
+
+
+def whitespace_tokenizer():
+    """Word-level, but every space and newline is a token of its own, so the joining shows in the ids."""
+    from tiny import CHATML, SPECIALS
+    from tokenizers import Regex, Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {tok: i for i, tok in enumerate(SPECIALS + [" ", "\n", "user", "assistant"])}
+    for word in tiny_words("How many clips ? " + REFERENCE_INSTRUCTION):
+        vocab.setdefault(word, len(vocab))
+    core = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    core.pre_tokenizer = pre_tokenizers.Split(Regex(r"\w+|[^\w]"), behavior="isolated")
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=core,
+        pad_token="<pad>",
+        unk_token="<unk>",
+        eos_token="<|im_end|>",
+        additional_special_tokens=["<|im_start|>"],
+    )
+    tokenizer.chat_template = CHATML
+    return tokenizer
+
+
+def test_instructed_prompt_joins_question_and_instruction_with_one_space_as_the_reference():
+    tokenizer = whitespace_tokenizer()
+    vocab = tokenizer.get_vocab()
+    prompt = render_prompt_ids(tokenizer, chat_messages("How many clips ?", None, REFERENCE_INSTRUCTION))
+    # reference train_sft.py: user content = data['question'] + " Please provide the initial step ..."
+    reference_user = "How many clips ?" + " " + REFERENCE_INSTRUCTION
+    pieces = [
+        "<|im_start|>",
+        "user",
+        "\n",
+        *tiny_words_and_spaces(reference_user),
+        "<|im_end|>",
+        "\n",
+        "<|im_start|>",
+        "assistant",
+        "\n",
+    ]
+    assert prompt == [vocab[p] for p in pieces]
+    question_end = pieces.index("?")
+    assert prompt[question_end + 1 : question_end + 3] == [vocab[" "], vocab["Please"]]
+    assert vocab["<unk>"] not in prompt
+
+
+def tiny_words(text: str) -> list[str]:
+    return re.findall(r"\w+|[^\w\s]", text)
+
+
+def tiny_words_and_spaces(text: str) -> list[str]:
+    return re.findall(r"\w+|[^\w]", text)
 
 
 def test_prefix_row_keeps_k_generated_ids_then_eos_and_masks_the_prompt(tiny_tokenizer):

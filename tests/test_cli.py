@@ -1,0 +1,155 @@
+"""`axolotl-upft` commands as a user runs them: output on success, a usage error (no traceback) otherwise."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+from click.testing import CliRunner
+from test_axolotl_e2e import write_config
+
+from axolotl_upft.cli import main
+
+pytestmark = pytest.mark.slow
+
+
+def invoke(*args: str):
+    return CliRunner().invoke(main, [str(a) for a in args], catch_exceptions=True)
+
+
+def last_json(text: str) -> dict:
+    """The last JSON object printed (a command prints one per dataset or benchmark)."""
+    lines, found = text.splitlines(), None
+    for i, line in enumerate(lines):
+        if line.startswith("{"):
+            found = json.JSONDecoder().raw_decode("\n".join(lines[i:]))[0]
+    return found
+
+
+def usage_error(result, message: str) -> None:
+    assert result.exit_code == 2, result.output
+    assert "Error" in result.output and message in result.output, result.output
+    assert isinstance(result.exception, SystemExit), "a usage error, not a traceback"
+
+
+def test_sample_prints_the_summary_and_report_finds_the_samples(tmp_path, tiny_model, questions):
+    config = write_config(tmp_path, tiny_model, questions)
+    result = invoke("sample", config)
+    assert result.exit_code == 0, result.output
+    summary = last_json(result.stdout)
+    assert (summary["questions"], summary["prefix"], summary["full"]) == (24, 18, 6)
+    report = invoke("report", config, "--started", "0")
+    assert report.exit_code == 0, report.output
+    found = json.loads(report.stdout)
+    assert Path(found["samples_dir"]).parent == tmp_path / "prepared" / "upft_samples"
+    assert found["sampling"]["key"].startswith(Path(found["samples_dir"]).name)
+    assert found["sampling"]["tokens_generated"] == summary["tokens_generated"]
+    assert found["wall_seconds"] > 0 and found["prepared_dir"] is None
+
+
+def test_sample_turns_a_bad_row_into_a_usage_error(tmp_path, tiny_model, questions):
+    config = write_config(tmp_path, tiny_model, questions)
+    rows = [{"question": "How many ?"}, {"body": "x"}]
+    (tmp_path / "questions.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
+    usage_error(invoke("sample", config), "row 1: the question (field 'question') is empty")
+    assert not (tmp_path / "prepared" / "upft_samples").exists(), "nothing was sampled"
+
+
+def test_sample_without_a_upft_dataset_is_a_usage_error(tmp_path, tiny_model, questions):
+    config = write_config(tmp_path, tiny_model, questions)
+    cfg = yaml.safe_load(config.read_text())
+    cfg["datasets"][0]["type"] = "alpaca"
+    config.write_text(yaml.safe_dump(cfg))
+    usage_error(invoke("sample", config), "no dataset with `type: upft`")
+
+
+def test_eval_grades_a_jsonl_benchmark_and_prints_its_summary(tmp_path, tiny_model, questions):
+    bench = tmp_path / "bench.jsonl"
+    bench.write_text("".join(json.dumps(q) + "\n" for q in questions[:3]))
+    result = invoke(
+        "eval",
+        "--model",
+        tiny_model,
+        "--benchmark",
+        bench,
+        "--limit",
+        "2",
+        "--max-new-tokens",
+        "6",
+        "--output",
+        tmp_path / "eval",
+    )
+    assert result.exit_code == 0, result.output
+    summary = json.loads(result.stdout)
+    assert (summary["benchmark"], summary["n"]) == ("bench", 2)
+    assert len((tmp_path / "eval" / "bench.jsonl").read_text().splitlines()) == 2
+    assert "| bench | 2 |" in (tmp_path / "eval" / "results.md").read_text()
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--benchmark", "gsm9k"], "unknown benchmark 'gsm9k'"),
+        (["--benchmark", "missing.jsonl"], "no file at"),
+        (["--benchmark", "gsm8k", "--limit", "0"], "Invalid value for '--limit'"),
+    ],
+)
+def test_eval_usage_errors(args, message, tmp_path, tiny_model):
+    usage_error(invoke("eval", "--model", tiny_model, "--output", tmp_path, *args), message)
+
+
+def test_analyze_prints_the_table_and_a_suggested_k(tmp_path, tiny_model, questions):
+    config = write_config(tmp_path, tiny_model, questions)
+    result = invoke(
+        "analyze",
+        config,
+        "--questions",
+        "2",
+        "--samples",
+        "2",
+        "--lengths",
+        "2,4",
+        "--max-new-tokens",
+        "6",
+        "--output",
+        tmp_path / "analysis",
+    )
+    assert result.exit_code == 0, result.output
+    assert "suggested: upft.prefix_length:" in result.output
+    saved = json.loads((tmp_path / "analysis" / "analysis.json").read_text())
+    assert [row["length"] for row in saved["table"]] == [2, 4]
+
+
+def test_analyze_usage_error_names_the_bad_option(tmp_path, tiny_model, questions):
+    config = write_config(tmp_path, tiny_model, questions)
+    result = invoke("analyze", config, "--questions", "2", "--lengths", "4,16", "--max-new-tokens", "8")
+    usage_error(result, "max_new_tokens (8) must be >= the longest length (16)")
+
+
+def test_convert_gguf_usage_error_for_a_missing_file(tmp_path):
+    result = invoke("convert-gguf", "--gguf", tmp_path / "none.gguf", "--out", tmp_path / "m")
+    usage_error(result, "does not exist")
+
+
+def test_axolotl_runs_upft_sample_and_upft_eval_from_the_entry_points(tmp_path, tiny_model, questions):
+    env = dict(os.environ, PATH=f"{Path(sys.executable).parent}:{os.environ['PATH']}")
+
+    def axolotl(*args):
+        return subprocess.run(
+            [sys.executable, "-m", "axolotl.cli.main", *map(str, args)],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=300,
+            check=False,
+        )
+
+    bad = axolotl("upft-eval", "--model", tiny_model, "--benchmark", "gsm9k", "--output", tmp_path)
+    assert bad.returncode == 2 and "unknown benchmark 'gsm9k'" in bad.stderr, bad.stderr[-2000:]
+    config = write_config(tmp_path, tiny_model, questions)
+    sampled = axolotl("upft-sample", config)
+    assert sampled.returncode == 0, sampled.stderr[-2000:]
+    assert last_json(sampled.stdout)["questions"] == 24
