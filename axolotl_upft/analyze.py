@@ -19,7 +19,7 @@ from statistics import mean
 from .args import SamplingConfig
 from .cache import SampleCache, atomic_write_bytes, atomic_write_text, digest, ids_digest
 from .distributed import Distributed
-from .generation import HFSampler
+from .generation import DRAW_VERSION, HFSampler, call_sizes
 from .grading import gold_answer, is_correct
 from .loop import Prompt, generate_all
 from .prompts import (
@@ -262,14 +262,15 @@ def sample(
         "sampling": settings,
         "stop_ids": sorted(stops),
         "requests": digest([ids_digest(r.prompt_ids) for r in requests]),
+        "draw_version": DRAW_VERSION,
     }
     cache = SampleCache(out / "parts", digest(meta), meta)
     cache.open()
     generated = generate_all(
         requests,
         cache,
-        lambda: HFSampler.load(model_path),
-        sizes={KIND: settings["batch_size"]},
+        lambda: HFSampler.load(model_path, running=settings["batch_size"]),
+        sizes=call_sizes({KIND: settings["batch_size"]}, "hf", "dynamic"),
         limits={KIND: settings["max_new_tokens"]},
         options=sampling_options(settings, stops, pad_token_id(tokenizer)),
         seed=settings["seed"],

@@ -20,7 +20,7 @@ from pathlib import Path
 from . import benchmarks
 from .cache import Record, SampleCache, atomic_write_text, digest
 from .distributed import Distributed
-from .generation import HFSampler, load_model, sampling_device
+from .generation import HFSampler, call_sizes, load_model, sampling_device
 from .grading import (
     BENCHMARKS,
     benchmark_path,
@@ -77,8 +77,8 @@ def evaluate(
     generated = generate_all(
         requests,
         cache,
-        lambda: HFSampler(load_eval_model(model_path, adapter)),
-        sizes={KIND: batch_size},
+        lambda: HFSampler(load_eval_model(model_path, adapter), running=batch_size),
+        sizes=call_sizes({KIND: batch_size}, "hf", "dynamic"),
         limits={KIND: max_new_tokens},
         options=GREEDY | {"stop_ids": stops, "pad_id": pad_token_id(tokenizer)},
         seed=0,

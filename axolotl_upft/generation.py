@@ -10,6 +10,7 @@ import torch
 from transformers import GenerationConfig, LogitsProcessorList
 
 from .cache import weight_files
+from .decoding import decode_pool, left_pad
 from .rows import FULL, PREFIX, cut_at_stop
 
 LOG = logging.getLogger(__name__)
@@ -17,6 +18,8 @@ AUTO_BATCH = {"cuda": 256, "cpu": 16}  # full-trace batches; on a GPU also cappe
 PREFIX_BATCH_CAP = 2048  # prefix batches hold only prompt + k tokens, so on a GPU they grow up to this
 MEMORY_SHARE = 0.5  # of the GPU memory left after the weights, for one batch's cache, activations and logits
 STATIC_WIDTH = 64  # with a static KV cache, prompt widths are padded to a multiple of this (fewer recompiles)
+DRAW_VERSION = 2  # of the tokens the hf backend draws for a seed; part of the sample cache key
+POOL = 4  # the hf backend decodes a batch size of rows at a time from calls of POOL x that many prompts
 
 
 def sampling_device() -> torch.device:
@@ -119,18 +122,6 @@ def load_model(base_model: str, device: torch.device, **kwargs):
     return model.to(device).eval()
 
 
-def left_pad(
-    prompts: list[list[int]], pad_id: int, device, width: int = 0
-) -> tuple[torch.Tensor, torch.Tensor]:
-    width = max(width, *(len(p) for p in prompts))
-    ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(prompts), width), dtype=torch.long)
-    for row, prompt in enumerate(prompts):
-        ids[row, width - len(prompt) :] = torch.tensor(prompt, dtype=torch.long)
-        mask[row, width - len(prompt) :] = 1
-    return ids.to(device), mask.to(device)
-
-
 NUCLEUS_CANDIDATES = 1024  # top-p without top-k looks for the nucleus among this many top tokens first
 TIE_WINDOW = 16  # top-k keeps tokens tied with the k-th score among the next max(k, 16) tokens
 
@@ -194,8 +185,24 @@ class CandidateSampler:
         return torch.full_like(scores, -torch.inf).scatter(-1, token, 0.0)
 
 
-@torch.inference_mode()
 def generate_batch(
+    model, prompts: list[list[int]], *, cache_implementation: str = "dynamic", running=None, **kwargs
+):
+    """One sample per prompt: (generated ids up to and including the first stop id, stopped). A dynamic KV
+    cache runs `decode` (`running` rows at a time, refilled as rows stop); a static one runs `generate`."""
+    if cache_implementation == "static":
+        return generate_static(model, prompts, **kwargs)
+    return decode(model, prompts, running=running, **kwargs)
+
+
+def call_sizes(sizes: dict[str, int], backend: str, cache_implementation: str) -> dict[str, int]:
+    """Prompts per `generate` call for batch sizes `sizes`: POOL times more for the hf decode loop, which
+    decodes a batch size of rows at a time and refills a row as soon as it stops."""
+    pool = POOL if backend == "hf" and cache_implementation == "dynamic" else 1
+    return {kind: size * pool for kind, size in sizes.items()}
+
+
+def decode(
     model,
     prompts: list[list[int]],
     *,
@@ -207,13 +214,54 @@ def generate_batch(
     top_k: int | None,
     seed: int,
     repetition_penalty: float = 1.0,
-    cache_implementation: str = "dynamic",
+    running: int | None = None,
 ) -> list[tuple[list[int], bool]]:
-    """One sample per prompt: (generated ids up to and including the first stop id, stopped).
+    """`decode_pool` with `generate`'s token choice: greedy (argmax) gives `generate`'s greedy tokens; a
+    temperature draws with CandidateSampler from one random stream (`seed`) over the rows running at each
+    step, after any repetition penalty (over each row's own ids, never its padding)."""
+    from transformers.generation.logits_process import RepetitionPenaltyLogitsProcessor
 
-    cache_implementation "static" gives `generate` a fixed-shape KV cache, which transformers compiles on a
-    GPU (CUDA graphs); prompts are then left-padded to a multiple of STATIC_WIDTH so batches share shapes."""
-    width = pad_width(max(len(p) for p in prompts), cache_implementation)
+    generator = torch.Generator(model.device).manual_seed(seed)
+    sampler = CandidateSampler(temperature, top_k, top_p) if temperature else None
+    penalty = RepetitionPenaltyLogitsProcessor(repetition_penalty) if repetition_penalty != 1.0 else None
+
+    def pick(ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        scores = penalty(ids, scores) if penalty else scores
+        if sampler is None:
+            return scores.argmax(-1)
+        values, indices = sampler.candidates(scores)
+        choice = torch.multinomial(values.softmax(-1), 1, generator=generator)
+        return (choice if indices is None else indices.gather(-1, choice)).squeeze(-1)
+
+    out = decode_pool(
+        model,
+        prompts,
+        running=running or len(prompts),
+        max_new_tokens=max_new_tokens,
+        stop_ids=stop_ids,
+        pad_id=pad_id,
+        pick=pick,
+    )
+    return [cut_at_stop(row, stop_ids) for row in out]
+
+
+@torch.inference_mode()
+def generate_static(
+    model,
+    prompts: list[list[int]],
+    *,
+    max_new_tokens: int,
+    stop_ids: frozenset[int],
+    pad_id: int,
+    temperature: float,
+    top_p: float | None,
+    top_k: int | None,
+    seed: int,
+    repetition_penalty: float = 1.0,
+) -> list[tuple[list[int], bool]]:
+    """transformers `generate` with a fixed-shape KV cache, which it compiles on a GPU (CUDA graphs); prompts
+    are left-padded to a multiple of STATIC_WIDTH so batches share shapes."""
+    width = pad_width(max(len(p) for p in prompts), "static")
     ids, mask = left_pad(prompts, pad_id, model.device, width)
     torch.manual_seed(seed)
     # generate runs greedy: with a temperature, CandidateSampler (a logits processor, after any repetition
@@ -225,11 +273,10 @@ def generate_batch(
         "top_k": None,
         "top_p": None,
         "repetition_penalty": repetition_penalty,
+        "cache_implementation": "static",
     }
     if temperature:
         options["logits_processor"] = LogitsProcessorList([CandidateSampler(temperature, top_k, top_p)])
-    if cache_implementation == "static":
-        options["cache_implementation"] = "static"
     out = model.generate(
         input_ids=ids,
         attention_mask=mask,
@@ -243,22 +290,30 @@ def generate_batch(
 
 
 class HFSampler:
-    """transformers `generate` on a loaded model; a batch that runs out of GPU memory is split in halves,
-    seeded seed + 1 and seed + 2 (rows of a batch share one random stream, so the halves draw other
-    samples than the whole batch would; a rerun that splits the same way draws the same)."""
+    """The hf decode loop (or `generate` with a static cache) on a loaded model. It decodes `running` rows
+    at a time, by default a POOL-th of a call's prompts (`call_sizes`). A batch that runs out of GPU memory
+    is split in halves, seeded seed + 1 and seed + 2 (rows of a batch share one random stream, so the
+    halves draw other samples than the whole batch would; a rerun that splits the same way draws the same)."""
 
-    def __init__(self, model, cache_implementation: str = "dynamic"):
+    def __init__(self, model, cache_implementation: str = "dynamic", running: int | None = None):
         self.model = model
         self.cache_implementation = cache_implementation
+        self.running = running
 
     @classmethod
-    def load(cls, base_model: str, cache_implementation: str = "dynamic") -> "HFSampler":
-        return cls(load_model(base_model, sampling_device()), cache_implementation)
+    def load(cls, base_model: str, cache_implementation: str = "dynamic", running=None) -> "HFSampler":
+        return cls(load_model(base_model, sampling_device()), cache_implementation, running)
 
     def generate(self, prompts: list[list[int]], *, seed: int, **kwargs) -> list[tuple[list[int], bool]]:
         try:
+            running = self.running or -(-len(prompts) // POOL)
             return generate_batch(
-                self.model, prompts, seed=seed, cache_implementation=self.cache_implementation, **kwargs
+                self.model,
+                prompts,
+                seed=seed,
+                cache_implementation=self.cache_implementation,
+                running=running,
+                **kwargs,
             )
         except torch.cuda.OutOfMemoryError:
             if len(prompts) == 1:

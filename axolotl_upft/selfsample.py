@@ -130,10 +130,13 @@ def sampling_settings(s: SamplingConfig, generation_config: dict) -> dict:
 def open_cache(
     cache_root: str, base_model: str, tokenizer, upft: UPFTConfig, questions: list[Question]
 ) -> tuple[SampleCache, dict, frozenset[int]]:
+    from .generation import DRAW_VERSION
+
     generation_config = read_generation_config(base_model)
     settings = sampling_settings(upft.sampling, generation_config)
     stops = stop_ids(tokenizer, generation_config)
     meta = {
+        "draw_version": DRAW_VERSION,
         "model": model_fingerprint(base_model),
         "tokenizer": [tokenizer.name_or_path, len(tokenizer), tokenizer.eos_token_id],
         "sampling": settings,
@@ -162,12 +165,13 @@ def sample_questions(
     dist: Distributed | None = None,
 ) -> dict[int, Record]:
     """Sample every question the cache lacks (this rank's share of batches); return all records."""
-    from .generation import resolve_backend, resolve_batch_sizes
+    from .generation import call_sizes, resolve_backend, resolve_batch_sizes
 
     dist = dist or Distributed()
     limits = {PREFIX: upft.prefix_length, FULL: settings["max_new_tokens"]}
     backend = resolve_backend(upft.sampling.backend)
     sizes = dist.minimum(resolve_batch_sizes(upft.sampling, backend, base_model, widths(questions), limits))
+    sizes = call_sizes(sizes, backend, upft.sampling.cache_implementation)
     generated = generate_all(
         questions,
         cache,

@@ -7,6 +7,11 @@
 (b) self-SFT: one full trace per question; (c) RFT: --rft-samples full traces per question.
 
   python bench/sampling.py --speed --model M --n 2048 --width 160          # prefix speed vs plain generate
+  python bench/sampling.py --compare --model M --n 32 --batch-size 8 --threads 1  # tokens/s vs plain generate
+
+--compare: plain `generate` on batches of --batch-size against the project's decode loop on pools of 4 such
+batches (--batch-size rows running, refilled as rows stop), same prompts, greedy and sampled, prefixes and
+full traces, alternating which goes first; greedy also counts rows whose tokens differ.
 
 --speed times prefix sampling only (k new tokens, prompts cut or cycled to --width tokens): plain
 `generate` at batch 256 (dynamic cache) against the project's sampler with its own batch sizes
@@ -24,10 +29,17 @@ import torch
 from transformers import AutoTokenizer
 
 from axolotl_upft.args import UPFTConfig
-from axolotl_upft.generation import HFSampler, left_pad, resolve_batch_sizes, sampling_device
+from axolotl_upft.generation import (
+    HFSampler,
+    call_sizes,
+    left_pad,
+    load_model,
+    resolve_batch_sizes,
+    sampling_device,
+)
 from axolotl_upft.loop import Prompt, plan_batches
 from axolotl_upft.prompts import chat_messages, pad_token_id, render_prompt_ids
-from axolotl_upft.rows import FULL, PREFIX, question_kinds
+from axolotl_upft.rows import FULL, PREFIX, cut_at_stop, question_kinds
 from axolotl_upft.selfsample import read_generation_config, sampling_options, sampling_settings, stop_ids
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -144,6 +156,73 @@ def prefix_speed(args, prompts: list[list[int]], options: dict) -> dict:
     return result
 
 
+def plain_generate(model, prompts, *, max_new_tokens, options, seed) -> list[tuple[list[int], bool]]:
+    """transformers `generate` as it comes (its own warper chain, dynamic cache), cut at the first stop."""
+    ids, mask = left_pad(prompts, options["pad_id"], model.device)
+    torch.manual_seed(seed)
+    sampled = {"do_sample": True, "temperature": options["temperature"], "top_k": options["top_k"] or 0}
+    out = model.generate(
+        input_ids=ids,
+        attention_mask=mask,
+        max_new_tokens=max_new_tokens,
+        eos_token_id=sorted(options["stop_ids"]),
+        pad_token_id=options["pad_id"],
+        repetition_penalty=options["repetition_penalty"],
+        top_p=options["top_p"] or 1.0,
+        **(sampled if options["temperature"] else {"do_sample": False}),
+    )
+    return [cut_at_stop(row, options["stop_ids"]) for row in out[:, ids.shape[1] :].tolist()]
+
+
+def race(sampler, pools: list[list[Prompt]], batch_size: int, limit: int, settings: dict) -> dict:
+    """Plain `generate` on batches of `batch_size` and the project's sampler on pools of POOL such batches
+    (`batch_size` rows at a time, refilled), on the same prompts, alternating which goes first."""
+    totals = {"plain": [0, 0.0], "upft": [0, 0.0]}
+    differ = 0
+    for i, pool in enumerate(pools):
+        ids = [q.prompt_ids for q in pool]
+        outputs = {}
+        for name in ("plain", "upft") if i % 2 == 0 else ("upft", "plain"):
+            start = time.perf_counter()
+            if name == "plain":
+                outputs[name] = [
+                    row
+                    for j in range(0, len(ids), batch_size)
+                    for row in plain_generate(
+                        sampler.model, ids[j : j + batch_size], max_new_tokens=limit, options=settings, seed=i
+                    )
+                ]
+            else:
+                outputs[name] = sampler.generate(ids, max_new_tokens=limit, seed=i, **settings)
+            totals[name][1] += time.perf_counter() - start
+            totals[name][0] += sum(len(o) for o, _ in outputs[name])
+        differ += sum(a != b for a, b in zip(outputs["plain"], outputs["upft"]))
+    rates = {name: round(tokens / seconds, 1) for name, (tokens, seconds) in totals.items()}
+    return {
+        "tokens": {name: tokens for name, (tokens, _) in totals.items()},
+        "seconds": {name: round(seconds, 2) for name, (_, seconds) in totals.items()},
+        "tokens_per_second": rates,
+        "speedup": round(rates["upft"] / rates["plain"], 3),
+    } | ({"rows_that_differ": differ} if not settings["temperature"] else {})
+
+
+def side_by_side(args, prompts: list[list[int]], options: dict) -> dict:
+    """Tokens/s of plain `generate` and of the project's sampler on the same length-sorted prompts,
+    greedy and sampled, prefixes (k tokens) and full traces, side by side in one run. Greedy also counts
+    the rows whose tokens differ from plain `generate`'s."""
+    sampler = HFSampler(load_model(args.model, sampling_device()), running=args.batch_size)
+    sampler.generate(prompts[:2], max_new_tokens=2, seed=0, **options)  # warm-up
+    result = {}
+    for kind, limit in ((PREFIX, args.k), (FULL, args.max_new_tokens)):
+        requests = [Prompt(i, p, kind) for i, p in enumerate(prompts)]
+        pools = plan_batches(requests, call_sizes({kind: args.batch_size}, "hf", "dynamic"))
+        for mode, temperature in (("greedy", 0.0), ("sampled", args.temperature)):
+            settings = options | {"temperature": temperature}
+            result[f"{kind}_{mode}"] = race(sampler, pools, args.batch_size, limit, settings)
+            print(json.dumps({f"{kind}_{mode}": result[f"{kind}_{mode}"]}), file=sys.stderr, flush=True)
+    return result
+
+
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -158,10 +237,14 @@ def main(argv=None) -> dict:
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--temperature", type=float, default=0.6)
     parser.add_argument("--speed", action="store_true", help="prefix speed vs plain generate (see above)")
+    parser.add_argument("--compare", action="store_true", help="tokens/s vs plain generate (see above)")
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     parser.add_argument("--width", type=int, default=160, help="--speed: prompt length in tokens")
     parser.add_argument("--prefix-batch-size", type=int, default=None)
     parser.add_argument("--cache-implementation", choices=["dynamic", "static"], default="dynamic")
     args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
 
     tokenizer = AutoTokenizer.from_pretrained(args.model)
     upft = UPFTConfig(
@@ -174,6 +257,22 @@ def main(argv=None) -> dict:
     options = sampling_options(settings, stop_ids(tokenizer, generation_config), pad_token_id(tokenizer))
     texts = load_questions(args.n, args.data)
     prompts = [render_prompt_ids(tokenizer, chat_messages(t, None)) for t in texts]
+    if args.compare:
+        result = {
+            "device": str(sampling_device()),
+            "threads": torch.get_num_threads(),
+            "model": args.model,
+            "n": len(prompts),
+            "batch_size": args.batch_size,
+            "k": args.k,
+            "max_new_tokens": args.max_new_tokens,
+            "temperature": args.temperature,
+            "top_k": settings["top_k"],
+            "top_p": settings["top_p"],
+        } | side_by_side(args, prompts, options)
+        json.dump(result, sys.stdout, indent=2)
+        print()
+        return result
     if args.speed:
         result = {
             "device": str(sampling_device()),

@@ -68,6 +68,18 @@ def test_any_setting_that_changes_samples_starts_a_new_cache(
     assert len(list(tmp_path.iterdir())) == 2
 
 
+def test_a_new_draw_version_of_the_sampler_starts_a_new_cache(
+    questions, tiny_model, tiny_tokenizer, tmp_path, counted, monkeypatch
+):
+    run(questions, tiny_model, tiny_tokenizer, tmp_path)
+    run(questions, tiny_model, tiny_tokenizer, tmp_path)
+    assert counted["questions"] == 16
+    monkeypatch.setattr(generation, "DRAW_VERSION", generation.DRAW_VERSION + 1)
+    run(questions, tiny_model, tiny_tokenizer, tmp_path)
+    assert counted["questions"] == 32
+    assert len(list(tmp_path.iterdir())) == 2
+
+
 def test_settings_that_only_shape_rows_reuse_the_samples(
     questions, tiny_model, tiny_tokenizer, tmp_path, counted
 ):
@@ -94,13 +106,15 @@ def test_settings_that_only_shape_rows_reuse_the_samples(
 def test_interrupted_run_resumes_with_the_missing_questions_only(
     questions, tiny_model, tiny_tokenizer, tmp_path, counted
 ):
-    reference = run(questions, tiny_model, tiny_tokenizer, tmp_path / "reference")
+    # batch size 1: the hf backend gets calls of generation.POOL questions, so 16 questions are 4 calls
+    sampling = {"sampling": {"max_new_tokens": 12, "batch_size": 1}}
+    reference = run(questions, tiny_model, tiny_tokenizer, tmp_path / "reference", **sampling)
     counted.update(questions=0, batches=0, crash_after=2)
     with pytest.raises(KeyboardInterrupt):
-        run(questions, tiny_model, tiny_tokenizer, tmp_path / "crashed")
+        run(questions, tiny_model, tiny_tokenizer, tmp_path / "crashed", **sampling)
     assert counted["questions"] == 8
     counted.update(questions=0, batches=0, crash_after=None)
-    resumed = run(questions, tiny_model, tiny_tokenizer, tmp_path / "crashed")
+    resumed = run(questions, tiny_model, tiny_tokenizer, tmp_path / "crashed", **sampling)
     assert counted["questions"] == 8
     assert resumed == reference, "same seed per batch: a resumed run draws exactly the uninterrupted samples"
 

@@ -50,17 +50,18 @@ def torchrun(*args: str) -> list[str]:
 
 
 def test_two_ranks_and_two_nodes_write_exactly_the_cache_of_one_process(tmp_path, tiny_model, questions):
-    single = sample_config(tmp_path, tiny_model, questions, "single")
+    small = {"sampling": {"max_new_tokens": 16, "batch_size": 2}}
+    single = sample_config(tmp_path, tiny_model, questions, "single", **small)
     run([sys.executable, "-m", "axolotl_upft.cli", "sample", str(single)])
     expected = cache_files(single)
-    assert len(expected) == 4, "24 questions in batches of 8: 18 prefix -> 3 parts, 6 full -> 1 part"
+    assert len(expected) == 4, "24 questions in calls of 4 x 2: 18 prefix -> 3 parts, 6 full -> 1 part"
 
-    ranks = sample_config(tmp_path, tiny_model, questions, "ranks")
+    ranks = sample_config(tmp_path, tiny_model, questions, "ranks", **small)
     out = run(torchrun("--nproc_per_node", "2", "--master_port", str(free_port())) + [str(ranks)])
     assert cache_files(ranks) == expected
     assert '"questions": 24' in out
 
-    nodes = sample_config(tmp_path, tiny_model, questions, "nodes")
+    nodes = sample_config(tmp_path, tiny_model, questions, "nodes", **small)
     port = str(free_port())
     launch = [
         torchrun(

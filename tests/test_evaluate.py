@@ -2,7 +2,6 @@
 
 import json
 import threading
-from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
@@ -26,12 +25,13 @@ def model_dir(tmp_path_factory):
 
 @pytest.fixture
 def calls(monkeypatch):
-    """Prompt counts of every generate_batch call evaluate makes (real generation still runs)."""
+    """(thread, prompts, rows decoded at a time) of every generate_batch call evaluate makes (real generation
+    still runs)."""
     seen = []
     real = generation.generate_batch
 
     def spy(model, prompts, **kwargs):
-        seen.append((threading.current_thread().name, len(prompts)))
+        seen.append((threading.current_thread().name, len(prompts), kwargs["running"]))
         return real(model, prompts, **kwargs)
 
     monkeypatch.setattr(generation, "generate_batch", spy)
@@ -47,7 +47,7 @@ def arm(out, model_dir, adapter=None):
 
 
 def run(model_dir, out, **kwargs):
-    options = {"limit": LIMIT, "output_dir": out, "max_new_tokens": MAX_NEW, "batch_size": 2, **kwargs}
+    options = {"limit": LIMIT, "output_dir": out, "max_new_tokens": MAX_NEW, "batch_size": 1, **kwargs}
     return ev.evaluate(model_dir, options.pop("benchmark", "gsm8k"), **options)
 
 
@@ -71,7 +71,8 @@ def test_eval_writes_graded_rows_summary_and_table_then_a_rerun_generates_nothin
     assert summary["mean_tokens"] == round(sum(r["tokens"] for r in rows) / LIMIT, 1)
     assert summary["accuracy_flexible"] == round(100 * sum(r["correct_flexible"] for r in rows) / LIMIT, 2)
     assert summary == json.loads((arm(tmp_path, model_dir) / "gsm8k.summary.json").read_text())
-    assert sum(n for _, n in calls) == LIMIT and len(calls) == 3  # batches of 2
+    # batch size 1: calls of generation.POOL questions (4 + 1), decoded one row at a time
+    assert [(n, running) for _, n, running in calls] == [(4, 1), (1, 1)]
     assert ev.read_results(tmp_path / "results.md") == [
         [
             model_dir,
@@ -96,7 +97,7 @@ def test_eval_writes_graded_rows_summary_and_table_then_a_rerun_generates_nothin
     # A larger limit reuses the cached questions and generates only the new ones.
     calls.clear()
     assert run(model_dir, tmp_path, limit=LIMIT + 2)["n"] == LIMIT + 2
-    assert sum(n for _, n in calls) == 2
+    assert sum(n for _, n, _ in calls) == 2
     assert ev.read_results(tmp_path / "results.md")[0][3] == str(LIMIT + 2)
 
 
@@ -117,7 +118,7 @@ def test_a_run_killed_mid_way_resumes_from_its_finished_batches(model_dir, tmp_p
 
     seen.clear()
     assert run(model_dir, tmp_path)["n"] == LIMIT
-    assert sum(seen) == LIMIT - 2  # the first batch of 2 was kept
+    assert sum(seen) == LIMIT - 4  # the first call's 4 questions were kept
 
 
 def test_accuracy_counts_equivalent_answers_on_a_custom_jsonl_file(model_dir, tmp_path, monkeypatch):
@@ -168,15 +169,15 @@ def test_questions_are_sharded_by_batch_across_ranks_and_rank_zero_merges(
 
     def rank(r):
         threading.current_thread().name = f"rank{r}"
-        return run(model_dir, tmp_path, batch_size=1, distributed=ThreadRank(r, 2))
+        return run(model_dir, tmp_path, batch_size=2, limit=10, distributed=ThreadRank(r, 2))
 
     with ThreadPoolExecutor(2) as pool:
         summaries = [f.result() for f in [pool.submit(rank, r) for r in (0, 1)]]
 
-    # 5 batches of one question: j % 2 puts batches 0, 2, 4 on rank 0 and 1, 3 on rank 1.
-    assert Counter(name for name, _ in calls) == {"rank0": 3, "rank1": 2}
+    # batch size 2: calls of 8 and 2 questions, the first on rank 0, the second on rank 1
+    assert sorted((name, n) for name, n, _ in calls) == [("rank0", 8), ("rank1", 2)]
     assert summaries[0] == summaries[1]
-    assert len(read_jsonl(arm(tmp_path, model_dir) / "gsm8k.jsonl")) == LIMIT
+    assert len(read_jsonl(arm(tmp_path, model_dir) / "gsm8k.jsonl")) == 10
 
 
 def test_an_adapter_is_merged_and_gets_its_own_table_row(model_dir, tmp_path, calls):
@@ -197,7 +198,7 @@ def test_an_adapter_is_merged_and_gets_its_own_table_row(model_dir, tmp_path, ca
     assert [r["prediction"] for r in adapter_rows] != [r["prediction"] for r in base_rows], (
         "the adapter changed what was generated"
     )
-    assert sum(n for _, n in calls) == 4  # the adapter's generations are not the base model's cache
+    assert sum(n for _, n, _ in calls) == 4  # the adapter's generations are not the base model's cache
     table = ev.read_results(tmp_path / "out" / "results.md")
     assert [row[:3] for row in table] == [[model_dir, "-", "gsm8k"], [model_dir, adapter, "gsm8k"]]
     assert table[0][4] == f"{base_summary['accuracy']:.2f}"

@@ -258,6 +258,48 @@ def test_one_pass_warper_matches_the_chain_on_bf16_logits_full_of_ties(top_k, to
     assert torch.equal(fast.sort(-1).values, expected.sort(-1).values)
 
 
+def random_llama(vocab_size: int):
+    """A 2-layer Llama with random weights: unlike the trained tiny model, its greedy tokens vary."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=vocab_size,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+    )
+    return LlamaForCausalLM(config).eval()
+
+
+@pytest.mark.parametrize("running", [1, 3, 8])
+def test_decode_loop_refilling_finished_rows_keeps_transformers_greedy_tokens(
+    tiny_tokenizer, questions, running
+):
+    from axolotl_upft.prompts import chat_messages, render_prompt_ids
+
+    model = random_llama(len(tiny_tokenizer))
+    prompts = [render_prompt_ids(tiny_tokenizer, chat_messages(q["question"], None)) for q in questions[:8]]
+    pad = tiny_tokenizer.pad_token_id
+    ids, mask = generation.left_pad(prompts, pad, model.device)
+    greedy = {"max_new_tokens": 20, "do_sample": False, "pad_token_id": pad}
+    free = model.generate(input_ids=ids, attention_mask=mask, eos_token_id=None, **greedy)[:, ids.shape[1] :]
+    # stop ids taken from the free-running outputs, so rows stop at different steps (some never)
+    stops = frozenset({tiny_tokenizer.eos_token_id, *free[:4, 3::6].flatten().tolist()})
+    out = model.generate(input_ids=ids, attention_mask=mask, eos_token_id=sorted(stops), **greedy)
+    expected = [generation.cut_at_stop(row, stops) for row in out[:, ids.shape[1] :].tolist()]
+    assert len({len(row) for row, _ in expected}) >= 3, "rows stop at different steps"
+    assert {stopped for _, stopped in expected} == {True, False}
+    options = {"max_new_tokens": 20, "stop_ids": stops, "pad_id": pad, "top_p": None, "top_k": None}
+    got = generation.generate_batch(model, prompts, temperature=0.0, seed=0, running=running, **options)
+    assert got == expected
+    sampled = generation.generate_batch(model, prompts, temperature=0.7, seed=3, running=running, **options)
+    again = generation.generate_batch(model, prompts, temperature=0.7, seed=3, running=running, **options)
+    assert sampled == again and sampled != got
+
+
 @pytest.mark.parametrize("key", ["no_repeat_ngram_size", "suppress_tokens", "bad_words_ids", "sequence_bias"])
 def test_generation_config_keys_outside_upft_sampling_do_not_shape_the_hf_draw(
     key, tiny_model, tiny_tokenizer, tmp_path, questions

@@ -55,6 +55,8 @@ def test_a_resumed_run_draws_the_samples_of_a_clean_run_with_memory_sized_batche
 ):
     # Batch sizes from the widest prompt, as on a GPU: 3 rows when a prompt is 100+ tokens wide, else 5.
     # The 12 prefix questions are 29..107 tokens wide: batches of 3, the widest (question 8) in the last.
+    # POOL 1: each call is one batch (the hf loop's calls of POOL batches would hold all 12 at once).
+    monkeypatch.setattr(generation, "POOL", 1)
     monkeypatch.setattr(
         generation,
         "memory_fits",
