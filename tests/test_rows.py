@@ -38,24 +38,15 @@ def test_prefix_prompt_appends_the_reference_instruction_to_the_user_turn(tiny_t
 
 def whitespace_tokenizer():
     """Word-level, but every space and newline is a token of its own, so the joining shows in the ids."""
-    from tiny import CHATML, SPECIALS
+    from tiny import CHATML, SPECIALS, chat_tokenizer
     from tokenizers import Regex, Tokenizer, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
 
     vocab = {tok: i for i, tok in enumerate(SPECIALS + [" ", "\n", "user", "assistant"])}
     for word in tiny_words("How many clips ? " + REFERENCE_INSTRUCTION):
         vocab.setdefault(word, len(vocab))
     core = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
     core.pre_tokenizer = pre_tokenizers.Split(Regex(r"\w+|[^\w]"), behavior="isolated")
-    tokenizer = PreTrainedTokenizerFast(
-        tokenizer_object=core,
-        pad_token="<pad>",
-        unk_token="<unk>",
-        eos_token="<|im_end|>",
-        additional_special_tokens=["<|im_start|>"],
-    )
-    tokenizer.chat_template = CHATML
-    return tokenizer
+    return chat_tokenizer(core, CHATML)
 
 
 def test_instructed_prompt_joins_question_and_instruction_with_one_space_as_the_reference():

@@ -19,7 +19,6 @@ def words(text: str) -> list[str]:
 def build_tokenizer(out: Path, corpus: list[str], chat_template: str | None = CHATML):
     """Word-level tokenizer: one id per word or punctuation mark, so expected ids are readable."""
     from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
 
     vocab = {tok: i for i, tok in enumerate(SPECIALS + ["system", "user", "assistant"])}
     for text in corpus:
@@ -27,6 +26,15 @@ def build_tokenizer(out: Path, corpus: list[str], chat_template: str | None = CH
             vocab.setdefault(word, len(vocab))
     core = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
     core.pre_tokenizer = pre_tokenizers.Whitespace()
+    tokenizer = chat_tokenizer(core, chat_template)
+    tokenizer.save_pretrained(out)
+    return tokenizer
+
+
+def chat_tokenizer(core, chat_template: str):
+    """A transformers tokenizer around `core` with the tests' special tokens and chat template."""
+    from transformers import PreTrainedTokenizerFast
+
     tokenizer = PreTrainedTokenizerFast(
         tokenizer_object=core,
         pad_token="<pad>",
@@ -35,7 +43,6 @@ def build_tokenizer(out: Path, corpus: list[str], chat_template: str | None = CH
         additional_special_tokens=["<|im_start|>"],
     )
     tokenizer.chat_template = chat_template
-    tokenizer.save_pretrained(out)
     return tokenizer
 
 
