@@ -142,8 +142,9 @@ def open_cache(
         "sampling": settings,
         "stop_ids": sorted(stops),
         "seed": upft.seed,
-        "prefix_length": upft.prefix_length,
-        "structure_ratio": upft.structure_ratio,
+        # Full-trace-only sets (sft, rft, label_filter) draw the same samples whatever k is, so they share
+        # a cache; p acts through the kinds, which the questions' digest holds.
+        "prefix_length": upft.prefix_length if any(q.kind == PREFIX for q in questions) else None,
         "questions": len(questions),
         "questions_digest": digest([[q.kind, ids_digest(q.prompt_ids)] for q in questions]),
     }

@@ -109,8 +109,13 @@ def merge(base: dict, extra: dict) -> dict:
 
 
 def arm_config(cfg: dict, arm: str, overrides: dict) -> Path:
-    """The Axolotl YAML of one trained arm: the shared recipe, this arm's overrides, its own folders."""
+    """The Axolotl YAML of one trained arm: the shared recipe, this arm's overrides, its own folders.
+
+    ``samples:`` in the overrides names the arm's sample cache under ``output/samples`` (default: the arm):
+    arms that draw the same samples share one, so the draws are made once and every arm reports them."""
     folder = cfg["output"] / arm
+    overrides = dict(overrides)
+    samples = cfg["output"] / "samples" / str(overrides.pop("samples", arm))
     config = merge(cfg["recipe"], overrides)
     config = merge(
         config,
@@ -120,8 +125,8 @@ def arm_config(cfg: dict, arm: str, overrides: dict) -> Path:
             "datasets": [{"path": str(data_file(cfg, "train")), "type": "upft"}],
             "dataset_prepared_path": str(folder / "prepared"),
             "output_dir": str(folder / "adapter"),
-            # Each arm samples into its own cache, so `axolotl-upft report` counts this arm's tokens.
-            "upft": {"cache_dir": str(folder / "samples")},
+            # One cache per set of draws, so `axolotl-upft report` counts exactly this arm's samples.
+            "upft": {"cache_dir": str(samples)},
         },
     )
     folder.mkdir(parents=True, exist_ok=True)
@@ -204,7 +209,10 @@ def tune_overrides(setting: dict) -> dict:
     """A `tune:` entry (prefix_length, structure_ratio, learning_rate, num_epochs) as config overrides."""
     upft = {k: setting[k] for k in ("prefix_length", "structure_ratio") if k in setting}
     top = {k: setting[k] for k in ("learning_rate", "num_epochs") if k in setting}
-    return {**top, "upft": upft}
+    # Settings with the same k and p (and the recipe's sampling) draw the same samples.
+    pairs = (("prefix_length", "k"), ("structure_ratio", "p"))
+    draws = "-".join(f"{short}{upft[key]}" for key, short in pairs if key in upft)
+    return {**top, "upft": upft, "samples": f"upft-{draws}"}
 
 
 def setting_name(setting: dict) -> str:
@@ -252,14 +260,13 @@ def stage_tune(cfg: dict) -> dict:
 def stage_arms(cfg: dict, best: dict) -> None:
     evaluate(cfg, "base", "test", None)
     evaluate(cfg, "upft", "test", train(cfg, best["arm"], tune_overrides(best["setting"])))
+    stage_analyze(cfg, "upft", lambda: merged_model(cfg, cfg["output"] / best["arm"] / "adapter"))
     chosen = tune_overrides(best["setting"])
     for arm, overrides in cfg["arms"].items():
-        # label_filter arms keep the tuned k, p, lr and epochs; the others keep lr and epochs.
-        keep = (
-            chosen
-            if overrides.get("upft", {}).get("label_filter")
-            else {k: v for k, v in chosen.items() if k != "upft"}
-        )
+        # label_filter arms keep the tuned k, p, lr and epochs; the others keep lr and epochs. Neither keeps
+        # the tuned arm's prefix samples: they draw full traces (`samples:` in their YAML, or their own).
+        drop = ("samples",) if overrides.get("upft", {}).get("label_filter") else ("samples", "upft")
+        keep = {k: v for k, v in chosen.items() if k not in drop}
         adapter = train(cfg, arm, merge(keep, overrides or {}))
         if adapter is not None:
             evaluate(cfg, arm, "test", adapter)
@@ -323,7 +330,6 @@ def main() -> None:
         if best is None:
             raise SystemExit("no tuned UPFT setting yet: run --stage tune first")
         stage_arms(cfg, best)
-        stage_analyze(cfg, "upft", lambda: merged_model(cfg, cfg["output"] / best["arm"] / "adapter"))
     if "report" in todo:
         compare_report.report(cfg["results"], cfg)
 

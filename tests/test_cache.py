@@ -103,6 +103,26 @@ def test_settings_that_only_shape_rows_reuse_the_samples(
     assert cut > 0, "some prefix reached k tokens, so prefix_eos: false shows"
 
 
+def test_full_trace_modes_share_one_cache_whatever_k_and_p(
+    questions, tiny_model, tiny_tokenizer, tmp_path, counted
+):
+    """sft, rft and label_filter draw one full trace per question alike: k and p do not key those draws."""
+
+    def graded(**upft):  # the random model may solve nothing: then there is nothing to train, after sampling
+        try:
+            run(questions, tiny_model, tiny_tokenizer, tmp_path, **upft)
+        except ValueError as err:
+            assert "no question kept a correct sample" in str(err)
+
+    run(questions, tiny_model, tiny_tokenizer, tmp_path, mode="sft")
+    graded(mode="rft", num_samples=1, prefix_length=9)
+    graded(label_filter=True, num_samples=1, structure_ratio=0.5)
+    assert counted["questions"] == 16, "only the first run sampled"
+    assert len(list(tmp_path.iterdir())) == 1
+    graded(mode="rft", num_samples=2)
+    assert counted["questions"] == 48, "two samples per question are other draws"
+
+
 def test_interrupted_run_resumes_with_the_missing_questions_only(
     questions, tiny_model, tiny_tokenizer, tmp_path, counted
 ):

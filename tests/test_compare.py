@@ -50,9 +50,9 @@ def setup(tmp_path_factory):
             {"prefix_length": 2, "structure_ratio": 0.25, "learning_rate": 1.0e-3, "num_epochs": 1},
         ],
         "arms": {
-            "sft": {"upft": {"mode": "sft"}},
-            "rft": {"upft": {"mode": "rft", "num_samples": 2}},
-            "upft_label_filter": {"upft": {"label_filter": True, "num_samples": 2}},
+            "sft": {"samples": "full", "upft": {"mode": "sft"}},
+            "rft": {"samples": "full", "upft": {"mode": "rft", "num_samples": 1}},
+            "upft_label_filter": {"samples": "full", "upft": {"label_filter": True, "num_samples": 1}},
         },
     }
     path = tmp / "compare.yml"
@@ -109,6 +109,10 @@ def test_every_arm_is_trained_evaluated_and_reported_then_a_rerun_redoes_nothing
         tune["settings"][0]["setting"]["prefix_length"]
         == json.loads((results / "analysis" / "base.json").read_text())["suggested_k"]
     )
+    # sft, rft and label_filter drew one full trace per question: one set of draws, made once.
+    assert len(list((tmp / "runs" / "samples" / "full").glob("*/summary.json"))) == 1
+    samples = {p.name for p in (tmp / "runs" / "samples").iterdir()}
+    assert samples == {"full"} | {f"upft-k{s['setting']['prefix_length']}-p0.25" for s in tune["settings"]}
     assert set(report["coverage"]) == {"base", "upft"}
     for png in ("accuracy_vs_tokens.png", "coverage.png"):
         assert (results / png).read_bytes()[:4] == b"\x89PNG"
