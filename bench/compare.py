@@ -11,9 +11,11 @@ so a killed run resumes: finished steps are skipped, sampling and eval reuse the
 """
 
 import argparse
+import ast
 import copy
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -143,6 +145,20 @@ def arm_config(cfg: dict, arm: str, overrides: dict) -> Path:
 
 
 NOTHING_TO_TRAIN = "no question kept a correct sample"
+LOSS_LINE = re.compile(r"\{'loss': [^{}]*\}")
+
+
+def train_losses(log: Path) -> list[dict]:
+    """The training loss Axolotl logs at each logging step (the last `axolotl train` of this arm's log)."""
+    text = log.read_text().rsplit("$ axolotl train", 1)[-1] if log.exists() else ""
+    steps = []
+    for match in LOSS_LINE.findall(text):
+        try:
+            step = ast.literal_eval(match)
+        except (ValueError, SyntaxError):
+            continue
+        steps.append({k: float(v) for k, v in step.items() if k in ("loss", "epoch", "learning_rate")})
+    return steps
 
 
 def train(cfg: dict, arm: str, overrides: dict) -> Path | None:
@@ -168,7 +184,11 @@ def train(cfg: dict, arm: str, overrides: dict) -> Path | None:
     )
     write_json(
         cfg["results"] / "runs" / f"{arm}.json",
-        {"config": yaml.safe_load(config.read_text()), "report": json.loads(report.stdout)},
+        {
+            "config": yaml.safe_load(config.read_text()),
+            "report": json.loads(report.stdout),
+            "losses": train_losses(cfg["output"] / arm / "log.txt"),
+        },
     )
     return adapter
 

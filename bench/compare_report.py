@@ -32,9 +32,11 @@ def accuracy(rows: list[dict], key: str) -> dict:
 
 
 def training_info(results: Path, run: str | None) -> dict:
-    info = json.loads((results / "runs" / f"{run}.json").read_text())["report"] if run else {}
+    saved = json.loads((results / "runs" / f"{run}.json").read_text()) if run else {}
+    info, losses = saved.get("report", {}), [step["loss"] for step in saved.get("losses", [])]
     sampling = info.get("sampling") or {}
     return {
+        "train_loss": {"first": losses[0], "last": losses[-1], "steps": len(losses)} if losses else None,
         "tokens_sampled": sampling.get("tokens_generated", 0),
         "tokens_trained": info.get("tokens_trained", 0),
         "rows_trained": info.get("rows", 0),
@@ -96,13 +98,26 @@ def table_md(entries: list[dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def plot_accuracy(entries: list[dict], path: Path) -> None:
+def figure():
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(6, 4))
+    return plt.subplots(figsize=(6, 4))
+
+
+def save(fig, ax, path: Path) -> None:
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    import matplotlib.pyplot as plt
+
+    plt.close(fig)
+
+
+def plot_accuracy(entries: list[dict], path: Path) -> None:
+    fig, ax = figure()
     for e in entries:
         flex = e["flexible"]
         err = [[flex["accuracy"] - flex["wilson95"][0]], [flex["wilson95"][1] - flex["accuracy"]]]
@@ -110,29 +125,40 @@ def plot_accuracy(entries: list[dict], path: Path) -> None:
     ax.set_xscale("symlog", linthresh=1000)
     ax.set_xlabel("tokens sampled for training")
     ax.set_ylabel("test accuracy, flexible (%)")
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save(fig, ax, path)
 
 
 def plot_coverage(analyses: dict[str, dict], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6, 4))
+    fig, ax = figure()
     for arm, result in analyses.items():
         table = result["table"]
         ax.plot([r["length"] for r in table], [r["coverage"] for r in table], marker="o", label=arm)
     ax.set_xscale("log", base=2)
     ax.set_xlabel("prefix length (tokens)")
     ax.set_ylabel("prefix coverage")
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save(fig, ax, path)
+
+
+def plot_losses(losses: dict[str, list[dict]], path: Path) -> None:
+    fig, ax = figure()
+    for run, steps in losses.items():
+        ax.plot([s["epoch"] for s in steps], [s["loss"] for s in steps], label=run)
+    ax.set_xlabel("epoch")
+    ax.set_ylabel("training loss (logged steps)")
+    save(fig, ax, path)
+
+
+def examples_md(results: Path, arms: list[str], count: int = 5, width: int = 160) -> str:
+    """The first ``count`` test questions (by index, not picked) and each arm's response, cut at ``width``."""
+    rows = {arm: read_rows(results / "rows" / f"{arm}.test.jsonl") for arm in arms}
+    lines = ["", f"First {count} test questions, each arm's greedy response (first {width} characters):", ""]
+    for i in range(min(count, *(len(r) for r in rows.values()))):
+        lines.append(f"- `{rows[arms[0]][i]['question']}` (gold {rows[arms[0]][i]['gold']})")
+        for arm in arms:
+            row = rows[arm][i]
+            text = row["prediction"][:width].replace("\n", " ").replace("|", "\\|")
+            lines.append(f"  - {arm} ({'right' if row['correct_flexible'] else 'wrong'}): {text}")
+    return "\n".join(lines) + "\n"
 
 
 def report(results: Path, cfg: dict | None = None) -> dict:
@@ -161,8 +187,13 @@ def report(results: Path, cfg: dict | None = None) -> dict:
     }
     (results / "report.json").write_text(json.dumps(out, indent=2, default=str) + "\n")
     if entries:
-        (results / "report.md").write_text(table_md(entries))
+        shown = [e["arm"] for e in entries if e["arm"] in ("base", "upft")]
+        (results / "report.md").write_text(table_md(entries) + (examples_md(results, shown) if shown else ""))
         plot_accuracy(entries, results / "accuracy_vs_tokens.png")
+    saved = {p.stem: json.loads(p.read_text()) for p in sorted((results / "runs").glob("*.json"))}
+    losses = {run: info["losses"] for run, info in saved.items() if info.get("losses")}
+    if losses:
+        plot_losses(losses, results / "losses.png")
     if analyses:
         plot_coverage(analyses, results / "coverage.png")
     return out

@@ -116,7 +116,13 @@ def test_every_arm_is_trained_evaluated_and_reported_then_a_rerun_redoes_nothing
     assert set(report["coverage"]) == {"base", "upft"}
     for png in ("accuracy_vs_tokens.png", "coverage.png"):
         assert (results / png).read_bytes()[:4] == b"\x89PNG"
-    assert (results / "report.md").read_text().count("\n") == len(arms) + 2
+    table = [line for line in (results / "report.md").read_text().splitlines() if line.startswith("|")]
+    assert len(table) == len(arms) + 2
+    assert "base (" in (results / "report.md").read_text() and "upft (" in (results / "report.md").read_text()
+    for run in ["sft"] + [s["arm"] for s in tune["settings"]]:
+        losses = json.loads((results / "runs" / f"{run}.json").read_text())["losses"]
+        assert losses and all(step["loss"] > 0 for step in losses), run
+    assert (results / "losses.png").read_bytes()[:4] == b"\x89PNG"
 
     timings = (results / "timings.json").read_text()
     run_compare(path, tmp)
