@@ -226,8 +226,8 @@ def evaluate(cfg: dict, arm: str, split: str, adapter: Path | None) -> dict:
 
 
 def tune_overrides(setting: dict) -> dict:
-    """A `tune:` entry (prefix_length, structure_ratio, learning_rate, num_epochs) as config overrides."""
-    upft = {k: setting[k] for k in ("prefix_length", "structure_ratio") if k in setting}
+    """A `tune:` entry (k, p, prefix_eos, learning_rate, num_epochs) as config overrides."""
+    upft = {k: setting[k] for k in ("prefix_length", "structure_ratio", "prefix_eos") if k in setting}
     top = {k: setting[k] for k in ("learning_rate", "num_epochs") if k in setting}
     # Settings with the same k and p (and the recipe's sampling) draw the same samples.
     pairs = (("prefix_length", "k"), ("structure_ratio", "p"))
@@ -236,7 +236,13 @@ def tune_overrides(setting: dict) -> dict:
 
 
 def setting_name(setting: dict) -> str:
-    short = {"prefix_length": "k", "structure_ratio": "p", "learning_rate": "lr", "num_epochs": "ep"}
+    short = {
+        "prefix_length": "k",
+        "structure_ratio": "p",
+        "prefix_eos": "eos",
+        "learning_rate": "lr",
+        "num_epochs": "ep",
+    }
     return "upft-" + "-".join(f"{short[k]}{setting[k]}" for k in short if k in setting)
 
 

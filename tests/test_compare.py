@@ -47,7 +47,13 @@ def setup(tmp_path_factory):
         "recipe": recipe,
         "tune": [
             {"prefix_length": "analyze", "structure_ratio": 0.25, "learning_rate": 1.0e-4, "num_epochs": 1},
-            {"prefix_length": 2, "structure_ratio": 0.25, "learning_rate": 1.0e-3, "num_epochs": 1},
+            {
+                "prefix_length": 2,
+                "structure_ratio": 0.25,
+                "prefix_eos": False,
+                "learning_rate": 1.0e-3,
+                "num_epochs": 1,
+            },
         ],
         "arms": {
             "sft": {"samples": "full", "upft": {"mode": "sft"}},
@@ -105,6 +111,8 @@ def test_every_arm_is_trained_evaluated_and_reported_then_a_rerun_redoes_nothing
             assert entry["wall_s"]["train"] > 0
     tune = json.loads((results / "tune.json").read_text())
     assert len(tune["settings"]) == 2 and tune["best"] in tune["settings"]
+    second = json.loads((results / "runs" / f"{tune['settings'][1]['arm']}.json").read_text())["config"]
+    assert "eosFalse" in tune["settings"][1]["arm"] and second["upft"]["prefix_eos"] is False
     assert (
         tune["settings"][0]["setting"]["prefix_length"]
         == json.loads((results / "analysis" / "base.json").read_text())["suggested_k"]
