@@ -214,6 +214,8 @@ def side_by_side(args, prompts: list[list[int]], options: dict) -> dict:
     sampler.generate(prompts[:2], max_new_tokens=2, seed=0, **options)  # warm-up
     result = {}
     for kind, limit in ((PREFIX, args.k), (FULL, args.max_new_tokens)):
+        if kind not in args.kinds.split(","):
+            continue
         requests = [Prompt(i, p, kind) for i, p in enumerate(prompts)]
         pools = plan_batches(requests, call_sizes({kind: args.batch_size}, "hf", "dynamic"))
         for mode, temperature in (("greedy", 0.0), ("sampled", args.temperature)):
@@ -239,6 +241,7 @@ def main(argv=None) -> dict:
     parser.add_argument("--speed", action="store_true", help="prefix speed vs plain generate (see above)")
     parser.add_argument("--compare", action="store_true", help="tokens/s vs plain generate (see above)")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    parser.add_argument("--kinds", default=f"{PREFIX},{FULL}", help="--compare: which of prefix,full to race")
     parser.add_argument("--width", type=int, default=160, help="--speed: prompt length in tokens")
     parser.add_argument("--prefix-batch-size", type=int, default=None)
     parser.add_argument("--cache-implementation", choices=["dynamic", "static"], default="dynamic")
