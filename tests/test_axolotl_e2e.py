@@ -14,17 +14,21 @@ pytestmark = pytest.mark.slow
 IGNORE = -100
 
 
-def axolotl(command: str, config: Path, *extra: str) -> str:
+def run_axolotl(command: str, config: Path, *extra: str, timeout: int = 600) -> subprocess.CompletedProcess:
     env = dict(os.environ, PATH=f"{Path(sys.executable).parent}:{os.environ['PATH']}")
-    done = subprocess.run(
+    return subprocess.run(
         [sys.executable, "-m", "axolotl.cli.main", command, str(config), *extra],
         cwd=config.parent,
         env=env,
         capture_output=True,
         text=True,
-        timeout=600,
+        timeout=timeout,
         check=False,
     )
+
+
+def axolotl(command: str, config: Path, *extra: str) -> str:
+    done = run_axolotl(command, config, *extra)
     log = done.stdout + done.stderr
     assert done.returncode == 0, log[-4000:]
     return log
@@ -138,15 +142,7 @@ def test_changing_an_upft_setting_makes_a_new_prepared_dataset(tmp_path, tiny_mo
 
 def test_a_plugin_that_fails_to_import_stops_the_run(tmp_path, tiny_model, questions):
     config = write_config(tmp_path, tiny_model, questions, plugins=["axolotl_upft.NoSuchPlugin"])
-    env = dict(os.environ, PATH=f"{Path(sys.executable).parent}:{os.environ['PATH']}")
-    done = subprocess.run(
-        [sys.executable, "-m", "axolotl.cli.main", "preprocess", str(config)],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-        check=False,
-    )
+    done = run_axolotl("preprocess", config, timeout=300)
     assert done.returncode != 0
     assert "NoSuchPlugin" in done.stdout + done.stderr
 
@@ -166,14 +162,6 @@ def test_a_upft_dataset_without_the_plugin_stops_preprocess(
     del cfg["plugins"]
     cfg["datasets"][0]["type"] = dataset_type
     config.write_text(yaml.safe_dump(cfg))
-    env = dict(os.environ, PATH=f"{Path(sys.executable).parent}:{os.environ['PATH']}")
-    done = subprocess.run(
-        [sys.executable, "-m", "axolotl.cli.main", "preprocess", str(config)],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-        check=False,
-    )
+    done = run_axolotl("preprocess", config, timeout=300)
     assert done.returncode != 0 and message in done.stdout + done.stderr, (done.stdout + done.stderr)[-3000:]
     assert not (tmp_path / "prepared" / "upft_samples").exists(), "nothing was sampled"
