@@ -285,9 +285,9 @@ def stage_tune(cfg: dict) -> dict:
 
 def stage_arms(cfg: dict, best: dict) -> None:
     evaluate(cfg, "base", "test", None)
-    evaluate(cfg, "upft", "test", train(cfg, best["arm"], tune_overrides(best["setting"])))
-    stage_analyze(cfg, "upft", lambda: merged_model(cfg, cfg["output"] / best["arm"] / "adapter"))
     chosen = tune_overrides(best["setting"])
+    evaluate(cfg, "upft", "test", train(cfg, best["arm"], chosen))
+    stage_analyze(cfg, "upft", lambda: merged_model(cfg, cfg["output"] / best["arm"] / "adapter"))
     for arm, overrides in cfg["arms"].items():
         # label_filter arms keep the tuned k, p, lr and epochs; the others keep lr and epochs. Neither keeps
         # the tuned arm's prefix samples: they draw full traces (`samples:` in their YAML, or their own).
