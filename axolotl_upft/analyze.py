@@ -19,9 +19,9 @@ from statistics import mean
 from .args import SamplingConfig
 from .cache import SampleCache, atomic_write_bytes, atomic_write_text, digest, ids_digest
 from .distributed import Distributed
-from .generation import DRAW_VERSION, HFSampler, call_sizes
+from .generation import call_sizes, load_sampler, resolve_backend
 from .grading import gold_answer, is_correct
-from .loop import Prompt, generate_all
+from .loop import Prompt, generate_all, longest
 from .prompts import (
     QUESTION_FIELDS,
     chat_messages,
@@ -31,6 +31,7 @@ from .prompts import (
     render_prompt_ids,
 )
 from .selfsample import (
+    engine_key,
     model_fingerprint,
     read_generation_config,
     sampling_options,
@@ -171,12 +172,14 @@ def analyze(
     threshold: float = 0.5,
     answer_field: str = "answer",
     tokenizer=None,
+    backend: str = "auto",
 ) -> dict:
     """Sample ``samples`` solutions per question, tabulate prefix coverage (and accuracy when every row has
     ``answer_field``), write analysis.json and analysis.png to ``output_dir``, and suggest k.
 
     ``top_p``/``top_k`` of None take the model's generation config, as the UPFT sampler does.
     ``tokenizer`` defaults to the model's own; pass Axolotl's to use a configured chat template.
+    ``backend`` is upft.sampling.backend's (auto: vLLM where installed).
     """
     lengths = _check_args(samples, lengths, max_new_tokens, temperature, threshold, batch_size, questions)
     started = time.perf_counter()
@@ -188,11 +191,12 @@ def analyze(
         tokenizer = AutoTokenizer.from_pretrained(model_path)
     check_tokenizer(tokenizer)
     sampling = SamplingConfig(
-        temperature=temperature, top_p=top_p, top_k=top_k, max_new_tokens=max_new_tokens
+        temperature=temperature, top_p=top_p, top_k=top_k, max_new_tokens=max_new_tokens, backend=backend
     )
     settings = sampling_settings(sampling, read_generation_config(model_path))
     settings |= {"seed": seed, "batch_size": batch_size}
-    trajectories = sample(model_path, tokenizer, texts, samples, settings, system_prompt, Path(output_dir))
+    out = Path(output_dir)
+    trajectories = sample(model_path, tokenizer, texts, samples, settings, system_prompt, out, sampling)
     correct = None
     if golds is not None:
         correct = [
@@ -208,7 +212,6 @@ def analyze(
         **tabulate(trajectories, correct, lengths, threshold),
         "wall_seconds": round(time.perf_counter() - started, 3),
     }
-    out = Path(output_dir)
     atomic_write_text(out / "analysis.json", json.dumps(result, indent=2))
     plot(result, out / "analysis.png")
     LOG.info("UPFT analyze: suggested prefix_length %d (%s)", result["suggested_k"], result["reason"])
@@ -246,7 +249,7 @@ def tabulate(trajectories, correct: list[list[bool]] | None, lengths: list[int],
 
 
 def sample(
-    model_path, tokenizer, texts, samples, settings, system_prompt, out: Path
+    model_path, tokenizer, texts, samples, settings, system_prompt, out: Path, sampling: SamplingConfig
 ) -> list[list[list[int]]]:
     """``samples`` trajectories (generated ids) per question; request q * samples + j is draw j of question q.
     The draws are kept under ``out``/parts, so a killed analysis resumes."""
@@ -262,16 +265,17 @@ def sample(
         "sampling": settings,
         "stop_ids": sorted(stops),
         "requests": digest([ids_digest(r.prompt_ids) for r in requests]),
-        "draw_version": DRAW_VERSION,
+        "engine": engine_key(sampling.backend, sampling.dtype),
     }
     cache = SampleCache(out / "parts", digest(meta), meta)
     cache.open()
+    limits = {KIND: settings["max_new_tokens"]}
     generated = generate_all(
         requests,
         cache,
-        lambda: HFSampler.load(model_path, running=settings["batch_size"]),
-        sizes=call_sizes({KIND: settings["batch_size"]}, "hf", "dynamic"),
-        limits={KIND: settings["max_new_tokens"]},
+        lambda: load_sampler(model_path, sampling, longest(requests, limits)),
+        sizes=call_sizes({KIND: settings["batch_size"]}, resolve_backend(sampling.backend), "dynamic"),
+        limits=limits,
         options=sampling_options(settings, stops, pad_token_id(tokenizer)),
         seed=settings["seed"],
         dist=Distributed(),

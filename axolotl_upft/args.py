@@ -53,9 +53,30 @@ class SamplingConfig(BaseModel):
         "(CUDA graphs), prompts padded to a multiple of 64.",
     )
     backend: Literal["auto", "hf", "vllm"] = Field(
-        "auto", description="auto: vllm when it is installed and a GPU is present, else hf (transformers)."
+        "auto", description="auto: vllm where it is installed, else hf (the plugin's decode loop)."
+    )
+    dtype: Literal["auto", "bfloat16", "float16", "float32"] = Field(
+        "auto", description="Weights and activations while sampling; auto: bfloat16 on a GPU, float32 on CPU."
     )
     tensor_parallel_size: int = Field(1, ge=1, description="GPUs per vLLM engine (vllm backend only).")
+    gpu_memory_utilization: float | None = Field(
+        None,
+        gt=0.0,
+        le=1.0,
+        description="vLLM: share of the device's memory the engine may take (on CPU: of RAM); null: "
+        "vLLM's default on a GPU (0.9; the engine is shut down before training), 0.3 on CPU.",
+    )
+    max_model_len: int | None = Field(
+        None,
+        ge=1,
+        description="vLLM: longest prompt + generation per request; null: the run's longest prompt plus "
+        "its longest generation, so the KV cache holds no more than the run needs.",
+    )
+    enforce_eager: bool | None = Field(
+        None,
+        description="vLLM: no CUDA graphs or torch.compile; null: eager on CPU (compiling costs more than it "
+        "saves there), compiled on a GPU.",
+    )
 
 
 class UPFTConfig(BaseModel):

@@ -109,7 +109,19 @@ main.add_command(sample_command, name="sample")
 )
 @click.option("--system-prompt", default=None, help="System turn; default: the chat template's own.")
 @click.option("--max-new-tokens", type=click.IntRange(min=1), default=1024, show_default=True)
-@click.option("--batch-size", type=click.IntRange(min=1), default=16, show_default=True)
+@click.option(
+    "--batch-size",
+    type=click.IntRange(min=1),
+    default=None,
+    help="Rows decoded at a time by hf (default 16); vLLM: questions per cache part (default 256 on CPU).",
+)
+@click.option(
+    "--backend",
+    type=click.Choice(["auto", "hf", "vllm"]),
+    default="auto",
+    show_default=True,
+    help="As upft.sampling.backend: auto is vLLM where installed, else the hf loop.",
+)
 @click.option(
     "--data-dir",
     type=click.Path(file_okay=False, path_type=Path),
@@ -117,7 +129,16 @@ main.add_command(sample_command, name="sample")
     help="Folder of the named benchmarks (default: $UPFT_DATA_DIR or ../shared/data).",
 )
 def eval_command(
-    model_path, adapter, benchmarks, limit, output, system_prompt, max_new_tokens, batch_size, data_dir
+    model_path,
+    adapter,
+    benchmarks,
+    limit,
+    output,
+    system_prompt,
+    max_new_tokens,
+    batch_size,
+    backend,
+    data_dir,
 ):
     """Greedy, zero-shot accuracy on math benchmarks (shards across ranks under torchrun)."""
     from .distributed import Distributed
@@ -137,6 +158,7 @@ def eval_command(
                 batch_size=batch_size,
                 data_dir=data_dir,
                 distributed=dist,
+                backend=backend,
             )
             if dist.rank == 0:
                 click.echo(json.dumps(summary, indent=2))
@@ -197,7 +219,7 @@ def analyze_command(config, samples, lengths, num_questions, max_new_tokens, out
 
     from .analyze import analyze
     from .dataset import upft_config
-    from .generation import resolve_batch_size
+    from .generation import resolve_backend, resolve_batch_size
     from .prompts import question_text
 
     cfg = load_config_single_process(load_cfg, config)
@@ -230,9 +252,10 @@ def analyze_command(config, samples, lengths, num_questions, max_new_tokens, out
             top_k=upft.sampling.top_k,
             seed=upft.seed,
             system_prompt=upft.system_prompt,
-            batch_size=resolve_batch_size(upft.sampling.batch_size, "hf"),
+            batch_size=resolve_batch_size(upft.sampling.batch_size, resolve_backend(upft.sampling.backend)),
             output_dir=out,
             tokenizer=load_tokenizer(cfg),
+            backend=upft.sampling.backend,
         )
     except ValueError as err:
         raise click.UsageError(str(err)) from None

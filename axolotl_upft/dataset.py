@@ -111,7 +111,7 @@ def sample_and_build(dataset, tokenizer, cfg, upft: UPFTConfig) -> tuple[list[Ro
         upft=upft,
         settings=settings,
         stops=stops,
-        load_model=lambda: load_sampler(cfg.base_model, upft.sampling),
+        load_model=lambda max_model_len: load_sampler(cfg.base_model, upft.sampling, max_model_len),
         pad_id=pad_token_id(tokenizer),
         base_model=cfg.base_model,
         dist=Distributed.from_cfg(cfg),

@@ -15,12 +15,23 @@ import hashlib
 import json
 import logging
 import re
+import shutil
+import tempfile
 from pathlib import Path
 
 from . import benchmarks
+from .args import SamplingConfig
 from .cache import Record, SampleCache, atomic_write_text, digest
 from .distributed import Distributed
-from .generation import HFSampler, call_sizes, load_model, sampling_device
+from .generation import (
+    HFSampler,
+    VLLMSampler,
+    call_sizes,
+    load_model,
+    resolve_backend,
+    resolve_batch_size,
+    sampling_device,
+)
 from .grading import (
     BENCHMARKS,
     benchmark_path,
@@ -29,14 +40,15 @@ from .grading import (
     gold_answer,
     is_equivalent,
 )
-from .loop import Prompt, generate_all
+from .loop import Prompt, generate_all, longest
 from .prompts import chat_messages, check_tokenizer, pad_token_id, question_text, render_prompt_ids
-from .selfsample import model_fingerprint, read_generation_config, stop_ids
+from .selfsample import engine_key, model_fingerprint, read_generation_config, stop_ids
 
 LOG = logging.getLogger(__name__)
 KIND = "greedy"
 RESULTS_HEADER = ["model", "adapter", "benchmark", "n", "accuracy", "flexible"]
 GREEDY = {"temperature": 0, "top_p": None, "top_k": None, "repetition_penalty": 1.0}
+HF_EVAL_BATCH = 16  # rows the hf loop decodes at a time in eval; vLLM takes its sampling part size
 _CELL_SPLIT = re.compile(r"(?<!\\)\|")
 
 
@@ -49,14 +61,19 @@ def evaluate(
     output_dir: str | Path,
     system_prompt: str | None = None,
     max_new_tokens: int = 1024,
-    batch_size: int = 16,
+    batch_size: int | None = None,
     answer_field: str = "answer",
     data_dir: str | Path | None = None,
     distributed: Distributed | None = None,
+    backend: str = "auto",
 ) -> dict:
-    """Greedy accuracy of ``model_path`` (+ ``adapter``) on a benchmark name or .jsonl file; the summary."""
+    """Greedy accuracy of ``model_path`` (+ ``adapter``) on a benchmark name or .jsonl file; the summary.
+    ``backend`` as upft.sampling.backend (auto: vLLM where installed); ``batch_size`` None: 16 rows at a
+    time for hf, vLLM's sampling part size for vllm."""
     _check_args(limit=limit, max_new_tokens=max_new_tokens, batch_size=batch_size)
     dist = distributed or Distributed()
+    backend = resolve_backend(backend)
+    batch_size = batch_size or (HF_EVAL_BATCH if backend == "hf" else resolve_batch_size(None, backend))
     path, name, out = output_paths(benchmark, data_dir, output_dir)
     arm = out / arm_name(model_path, adapter)
     check_not_benchmark(arm / f"{name}.jsonl", path)
@@ -69,17 +86,28 @@ def evaluate(
     ]
     stops = stop_ids(tokenizer, read_generation_config(model_path))
     cache = eval_cache(
-        out / "parts" / name, model_path, adapter, tokenizer, path, system_prompt, max_new_tokens, stops
+        out / "parts" / name,
+        model_path,
+        adapter,
+        tokenizer,
+        path,
+        settings={
+            "system_prompt": system_prompt,
+            "max_new_tokens": max_new_tokens,
+            "stop_ids": sorted(stops),
+        },
+        engine=engine_key(backend, "auto"),
     )
     if dist.rank == 0:
         cache.open()
     dist.barrier()
+    limits = {KIND: max_new_tokens}
     generated = generate_all(
         requests,
         cache,
-        lambda: HFSampler(load_eval_model(model_path, adapter), running=batch_size),
-        sizes=call_sizes({KIND: batch_size}, "hf", "dynamic"),
-        limits={KIND: max_new_tokens},
+        lambda: load_eval_sampler(model_path, adapter, backend, batch_size, longest(requests, limits)),
+        sizes=call_sizes({KIND: batch_size}, backend, "dynamic"),
+        limits=limits,
         options=GREEDY | {"stop_ids": stops, "pad_id": pad_token_id(tokenizer)},
         seed=0,
         dist=dist,
@@ -137,17 +165,16 @@ def arm_name(model_path: str, adapter: str | None) -> str:
     return f"{slug}-{digest([str(model_path), str(adapter) if adapter else None])[:8]}"
 
 
-def eval_cache(root: Path, model_path, adapter, tokenizer, path: Path, system_prompt, max_new_tokens, stops):
-    """The generations' cache, keyed by model, adapter, tokenizer, benchmark file and settings."""
+def eval_cache(root: Path, model_path, adapter, tokenizer, path: Path, *, settings: dict, engine: list):
+    """The generations' cache, keyed by model, adapter, tokenizer, benchmark file, settings and engine."""
     meta = {
         "task": "eval",
         "model": model_fingerprint(model_path),
         "adapter": model_fingerprint(adapter) if adapter else None,
         "tokenizer": [tokenizer.name_or_path, len(tokenizer), digest(tokenizer.chat_template)],
         "benchmark": file_digest(path),
-        "system_prompt": system_prompt,
-        "max_new_tokens": max_new_tokens,
-        "stop_ids": sorted(stops),
+        **settings,
+        "engine": engine,
     }
     return SampleCache(root, digest(meta), meta)
 
@@ -195,6 +222,36 @@ def load_tokenizer(model_path: str, adapter: str | None):
     tokenizer = AutoTokenizer.from_pretrained(source)
     check_tokenizer(tokenizer)
     return tokenizer
+
+
+def load_eval_sampler(model_path: str, adapter: str | None, backend: str, batch_size: int, max_model_len):
+    """The greedy sampler of one arm: the hf loop on the (merged) model, or vLLM on a merged copy."""
+    if backend == "hf":
+        return HFSampler(load_eval_model(model_path, adapter), running=batch_size)
+    if not adapter:
+        return VLLMSampler(model_path, SamplingConfig(backend="vllm"), max_model_len)
+    return MergedVLLMSampler(model_path, adapter, max_model_len)
+
+
+class MergedVLLMSampler(VLLMSampler):
+    """vLLM on the adapter merged into the base, as the hf loop evaluates it; the merged copy is written to a
+    temporary folder and deleted when the engine closes."""
+
+    def __init__(self, model_path: str, adapter: str, max_model_len: int):
+        self.folder = tempfile.mkdtemp(prefix="upft-merged-")
+        try:
+            merged = HFSampler(load_eval_model(model_path, adapter))
+            merged.model.save_pretrained(self.folder)
+            merged.close()
+            load_tokenizer(model_path, adapter).save_pretrained(self.folder)
+            super().__init__(self.folder, SamplingConfig(backend="vllm"), max_model_len)
+        except BaseException:
+            shutil.rmtree(self.folder, ignore_errors=True)
+            raise
+
+    def close(self) -> None:
+        super().close()
+        shutil.rmtree(self.folder, ignore_errors=True)
 
 
 def load_eval_model(model_path: str, adapter: str | None):

@@ -1,9 +1,11 @@
-"""Self-sampling backends, token ids in and out: transformers `generate` (hf) and vLLM (vllm)."""
+"""Self-sampling backends, token ids in and out: the hf decode loop on transformers (hf) and vLLM (vllm)."""
 
+import gc
 import importlib.util
 import json
 import logging
 import os
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -20,6 +22,9 @@ MEMORY_SHARE = 0.5  # of the GPU memory left after the weights, for one batch's 
 STATIC_WIDTH = 64  # with a static KV cache, prompt widths are padded to a multiple of this (fewer recompiles)
 DRAW_VERSION = 2  # of the tokens the hf backend draws for a seed; part of the sample cache key
 POOL = 4  # the hf backend decodes a batch size of rows at a time from calls of POOL x that many prompts
+# vLLM schedules its own batches; this only sizes the cache's part files (what a crash loses, progress steps)
+VLLM_BATCH = {"cuda": 4096, "cpu": 256}
+VLLM_CPU_MEMORY_SHARE = 0.3  # of RAM on CPU, where vLLM refuses its GPU default of 0.9
 
 
 def sampling_device() -> torch.device:
@@ -33,16 +38,23 @@ def is_vllm_available() -> bool:
 
 
 def resolve_backend(backend: str) -> str:
+    """auto is vLLM wherever it is installed (GPU or CPU: faster on both, bench/README.md), else hf."""
     if backend == "auto":
-        return "vllm" if is_vllm_available() and torch.cuda.is_available() else "hf"
+        return "vllm" if is_vllm_available() else "hf"
     return backend
+
+
+def resolve_dtype(dtype: str) -> str:
+    if dtype != "auto":
+        return dtype
+    return "bfloat16" if sampling_device().type == "cuda" else "float32"
 
 
 def resolve_batch_size(batch_size: int | None, backend: str) -> int:
     if batch_size is not None:
         return batch_size
     if backend == "vllm":
-        return 4096  # vLLM schedules its own batches; this only sizes the cache's part files
+        return VLLM_BATCH[sampling_device().type]
     return AUTO_BATCH[sampling_device().type]
 
 
@@ -109,10 +121,10 @@ def pad_width(width: int, cache_implementation: str) -> int:
     return -(-width // STATIC_WIDTH) * STATIC_WIDTH
 
 
-def load_model(base_model: str, device: torch.device, **kwargs):
+def load_model(base_model: str, device: torch.device, dtype: str = "auto", **kwargs):
     from transformers import AutoModelForCausalLM
 
-    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    dtype = getattr(torch, resolve_dtype(dtype))
     LOG.info("UPFT: loading %s on %s (%s) for self-sampling", base_model, device, dtype)
     model = AutoModelForCausalLM.from_pretrained(base_model, dtype=dtype, **kwargs)
     # `generate` fills every option a call leaves unset from generation_config.json (no_repeat_ngram_size,
@@ -301,8 +313,17 @@ class HFSampler:
         self.running = running
 
     @classmethod
-    def load(cls, base_model: str, cache_implementation: str = "dynamic", running=None) -> "HFSampler":
-        return cls(load_model(base_model, sampling_device()), cache_implementation, running)
+    def load(
+        cls, base_model: str, cache_implementation: str = "dynamic", running=None, dtype: str = "auto"
+    ) -> "HFSampler":
+        return cls(load_model(base_model, sampling_device(), dtype), cache_implementation, running)
+
+    def close(self) -> None:
+        """Free the model's memory before training loads its own copy."""
+        self.model = None
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
 
     def generate(self, prompts: list[list[int]], *, seed: int, **kwargs) -> list[tuple[list[int], bool]]:
         try:
@@ -350,21 +371,95 @@ def vllm_sampling_params(
     ]
 
 
-class VLLMSampler:
-    """vLLM offline engine; every request carries its own seed (batch seed + position)."""
+# torchrun's variables: the engine's processes run a world of their own
+TORCHRUN_VARIABLES = (
+    "RANK",
+    "LOCAL_RANK",
+    "WORLD_SIZE",
+    "LOCAL_WORLD_SIZE",
+    "GROUP_RANK",
+    "ROLE_RANK",
+    "ROLE_WORLD_SIZE",
+    "MASTER_ADDR",
+    "MASTER_PORT",
+    "TORCHELASTIC_RUN_ID",
+)
 
-    def __init__(self, base_model: str, tensor_parallel_size: int):
+
+def rank_devices(visible: list[str], local_rank: int, tensor_parallel_size: int) -> list[str]:
+    """This rank's own devices for its vLLM engine: the local_rank-th group of tensor_parallel_size."""
+    start = local_rank * tensor_parallel_size
+    devices = visible[start : start + tensor_parallel_size]
+    if len(devices) < tensor_parallel_size:
+        raise ValueError(
+            f"upft.sampling.tensor_parallel_size: {tensor_parallel_size} on local rank {local_rank} needs "
+            f"devices {start}..{start + tensor_parallel_size - 1}, but this node has {len(visible)} "
+            f"({','.join(visible)}). Start fewer processes per node or lower tensor_parallel_size."
+        )
+    return devices
+
+
+@contextmanager
+def engine_environment(tensor_parallel_size: int):
+    """The environment vLLM's engine processes inherit as they start: under torchrun on GPUs, this rank's
+    own devices as CUDA_VISIBLE_DEVICES (else every rank's engine lands on the node's first GPU), and never
+    torchrun's variables (the engine is a world of its own, not a member of the ranks' group)."""
+    saved = os.environ.copy()
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and torch.cuda.is_available():
+        visible = os.environ.get("CUDA_VISIBLE_DEVICES") or ",".join(
+            str(i) for i in range(torch.cuda.device_count())
+        )
+        local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+        devices = rank_devices(visible.split(","), local_rank, tensor_parallel_size)
+        os.environ["CUDA_VISIBLE_DEVICES"] = ",".join(devices)
+    for key in TORCHRUN_VARIABLES:
+        os.environ.pop(key, None)
+    try:
+        yield
+    finally:
+        os.environ.clear()
+        os.environ.update(saved)
+
+
+def engine_options(base_model: str, sampling, max_model_len: int | None) -> dict:
+    """`vllm.LLM` keyword arguments from upft.sampling; null settings get this device's defaults."""
+    cpu = sampling_device().type == "cpu"
+    options = {
+        "model": base_model,
+        "tensor_parallel_size": sampling.tensor_parallel_size,
+        "dtype": resolve_dtype(sampling.dtype),
+        # the model's generation_config.json sets no default, as in the hf backend
+        "generation_config": "vllm",
+        "max_model_len": sampling.max_model_len or max_model_len,
+        "enforce_eager": cpu if sampling.enforce_eager is None else sampling.enforce_eager,
+    }
+    memory = sampling.gpu_memory_utilization or (VLLM_CPU_MEMORY_SHARE if cpu else None)
+    if memory is not None:
+        options["gpu_memory_utilization"] = memory
+    return options
+
+
+class VLLMSampler:
+    """vLLM's offline engine; every request carries its own seed (batch seed + position). The engine runs
+    in child processes, so `close` gives all of its memory back before training loads the model."""
+
+    def __init__(self, base_model: str, sampling, max_model_len: int | None = None):
         if not is_vllm_available():
             raise ImportError('upft.sampling.backend: vllm needs vLLM: pip install "axolotl-upft[vllm]"')
         from vllm import LLM
 
-        # generation_config="vllm": the model's generation_config.json sets no default, as in the hf backend
-        self.llm = LLM(
-            model=base_model,
-            tensor_parallel_size=tensor_parallel_size,
-            dtype="bfloat16",
-            generation_config="vllm",
-        )
+        options = engine_options(base_model, sampling, max_model_len)
+        LOG.info("UPFT: starting vLLM for self-sampling: %s", options)
+        with engine_environment(sampling.tensor_parallel_size):
+            try:
+                self.llm = LLM(**options)
+            except (RuntimeError, ValueError, NotImplementedError) as err:
+                raise ValueError(
+                    f"upft.sampling.backend: vLLM could not start on {base_model} ({err}; its log above has "
+                    "the cause). Set upft.sampling.backend: hf to sample with transformers instead, or "
+                    "change the vLLM setting it names (upft.sampling.max_model_len, gpu_memory_utilization, "
+                    "dtype)."
+                ) from err
 
     def generate(self, prompts, *, pad_id=None, **options):
         from vllm import SamplingParams, TokensPrompt
@@ -375,8 +470,17 @@ class VLLMSampler:
         )
         return [cut_at_stop(list(o.outputs[0].token_ids), frozenset(options["stop_ids"])) for o in outputs]
 
+    def close(self) -> None:
+        """Stop the engine's processes; their memory (weights, KV cache) goes with them."""
+        llm, self.llm = self.llm, None
+        if llm is not None:
+            llm.llm_engine.engine_core.shutdown()
+            del llm
+            gc.collect()
 
-def load_sampler(base_model: str, sampling):
+
+def load_sampler(base_model: str, sampling, max_model_len: int | None = None):
+    """The sampler upft.sampling asks for; `max_model_len` is the run's longest prompt + generation."""
     if resolve_backend(sampling.backend) == "vllm":
-        return VLLMSampler(base_model, sampling.tensor_parallel_size)
-    return HFSampler.load(base_model, sampling.cache_implementation)
+        return VLLMSampler(base_model, sampling, max_model_len)
+    return HFSampler.load(base_model, sampling.cache_implementation, dtype=sampling.dtype)

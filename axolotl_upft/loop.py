@@ -32,6 +32,9 @@ class Generator(Protocol):
     def generate(self, prompts: list[list[int]], *, max_new_tokens: int, seed: int, **options) -> list:
         """One (generated ids, stopped) pair per prompt."""
 
+    def close(self) -> None:
+        """Free the model (and stop an engine) once this rank's batches are written."""
+
 
 @dataclass(frozen=True)
 class Prompt:
@@ -73,6 +76,11 @@ def widths(requests: Sequence[Request]) -> dict[str, int]:
     for r in requests:
         out[r.kind] = max(out.get(r.kind, 0), len(r.prompt_ids))
     return out
+
+
+def longest(requests: Sequence[Request], limits: dict[str, int]) -> int:
+    """The longest prompt + generation of any request: what an engine's context must hold."""
+    return max(len(r.prompt_ids) + limits[r.kind] for r in requests)
 
 
 def check_records(records: dict[int, Record], requests: Sequence[Request], cache: SampleCache) -> None:
@@ -132,17 +140,13 @@ def generate_all(
             dist.world_size,
         )
         total = len(requests) - cached
-        run_batches(
-            mine,
-            cache,
-            load(),
-            limits,
-            options,
-            show=dist.rank == 0,
-            desc=desc,
-            total=total,
-            before=len(done),
-        )
+        model = load()
+        try:
+            run_batches(
+                mine, cache, model, limits, options, desc=desc, total=total, before=len(done), rank=dist.rank
+            )
+        finally:
+            model.close()
     dist.barrier()
     records = cache.load()
     check_records(records, requests, cache)
@@ -155,11 +159,11 @@ def generate_all(
 
 
 def run_batches(
-    mine, cache: SampleCache, model: Generator, limits, options, *, show, desc, total, before
+    mine, cache: SampleCache, model: Generator, limits, options, *, desc, total, before, rank
 ) -> None:
     """Generate and write this rank's batches; the progress bar counts every rank's part files."""
     started, new_tokens = time.perf_counter(), 0
-    bar = tqdm(total=total, desc=desc, unit="q", disable=not show)
+    bar = tqdm(total=total, desc=desc, unit="q", disable=rank != 0)
     for seed, batch in mine:
         outputs = model.generate(
             [r.prompt_ids for r in batch], max_new_tokens=limits[batch[0].kind], seed=seed, **options

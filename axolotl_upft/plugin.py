@@ -85,5 +85,6 @@ class UPFTPlugin(BasePlugin):
                 output_dir=out / "eval",
                 system_prompt=upft.system_prompt,
                 max_new_tokens=upft.sampling.max_new_tokens,
+                backend=upft.sampling.backend,
             )
             LOG.info("UPFT eval %s: %.1f%% of %d", benchmark, summary["accuracy"], summary["n"])

@@ -9,7 +9,7 @@ from pathlib import Path
 from .args import SamplingConfig, UPFTConfig
 from .cache import Record, SampleCache, digest, ids_digest, weight_files
 from .distributed import Distributed
-from .loop import Generated, generate_all, widths
+from .loop import Generated, generate_all, longest, widths
 from .prompts import chat_messages, check_tokenizer, question_text, render_prompt_ids
 from .rows import FULL, PREFIX, question_kinds
 
@@ -116,6 +116,15 @@ def model_fingerprint(base_model: str) -> dict:
     }
 
 
+def engine_key(backend: str, dtype: str) -> list:
+    """What draws the tokens, for cache keys: the backend (with the hf loop's draw version) and the dtype.
+    The same seed draws other tokens on another engine, so caches never cross engines."""
+    from .generation import DRAW_VERSION, resolve_backend, resolve_dtype
+
+    backend = resolve_backend(backend)
+    return [backend, DRAW_VERSION if backend == "hf" else None, resolve_dtype(dtype)]
+
+
 def sampling_settings(s: SamplingConfig, generation_config: dict) -> dict:
     """What a sample is drawn with: unset top_p / top_k come from the model's generation config."""
     return {
@@ -130,13 +139,11 @@ def sampling_settings(s: SamplingConfig, generation_config: dict) -> dict:
 def open_cache(
     cache_root: str, base_model: str, tokenizer, upft: UPFTConfig, questions: list[Question]
 ) -> tuple[SampleCache, dict, frozenset[int]]:
-    from .generation import DRAW_VERSION
-
     generation_config = read_generation_config(base_model)
     settings = sampling_settings(upft.sampling, generation_config)
     stops = stop_ids(tokenizer, generation_config)
     meta = {
-        "draw_version": DRAW_VERSION,
+        "engine": engine_key(upft.sampling.backend, upft.sampling.dtype),
         "model": model_fingerprint(base_model),
         "tokenizer": [tokenizer.name_or_path, len(tokenizer), tokenizer.eos_token_id],
         "sampling": settings,
@@ -160,7 +167,7 @@ def sample_questions(
     upft: UPFTConfig,
     settings: dict,
     stops: frozenset[int],
-    load_model: Callable[[], object],
+    load_model: Callable[[int], object],
     pad_id: int,
     base_model: str = "",
     dist: Distributed | None = None,
@@ -176,7 +183,7 @@ def sample_questions(
     generated = generate_all(
         questions,
         cache,
-        load_model,
+        lambda: load_model(longest(questions, limits)),
         sizes={kind: sizes[kind] for kind in (PREFIX, FULL) if kind in sizes},
         limits=limits,
         options=sampling_options(settings, stops, pad_id),

@@ -51,7 +51,9 @@ def gsm8k_questions(n: int, split: str = "train") -> list[dict]:
         return [json.loads(line) for _, line in zip(range(n), handle)]
 
 
-def build_model(out: Path, corpus: list[str], *, hidden: int = 32, layers: int = 2, seed: int = 0) -> Path:
+def build_model(
+    out: Path, corpus: list[str], *, hidden: int = 32, layers: int = 2, heads: int = 4, seed: int = 0
+) -> Path:
     """Random tiny Llama + the word-level tokenizer + a generation config, saved as an HF folder."""
     import torch
     from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM
@@ -63,8 +65,8 @@ def build_model(out: Path, corpus: list[str], *, hidden: int = 32, layers: int =
         hidden_size=hidden,
         intermediate_size=2 * hidden,
         num_hidden_layers=layers,
-        num_attention_heads=4,
-        num_key_value_heads=2,
+        num_attention_heads=heads,
+        num_key_value_heads=max(1, heads // 2),
         max_position_embeddings=1024,
         bos_token_id=None,
         eos_token_id=tokenizer.eos_token_id,
