@@ -447,19 +447,26 @@ class VLLMSampler:
         if not is_vllm_available():
             raise ImportError('upft.sampling.backend: vllm needs vLLM: pip install "axolotl-upft[vllm]"')
         from vllm import LLM
+        from vllm.v1.engine.exceptions import EngineDeadError
 
         options = engine_options(base_model, sampling, max_model_len)
         LOG.info("UPFT: starting vLLM for self-sampling: %s", options)
-        with engine_environment(sampling.tensor_parallel_size):
-            try:
+        self.llm = None
+        try:
+            with engine_environment(sampling.tensor_parallel_size):
                 self.llm = LLM(**options)
-            except (RuntimeError, ValueError, NotImplementedError) as err:
-                raise ValueError(
-                    f"upft.sampling.backend: vLLM could not start on {base_model} ({err}; its log above has "
-                    "the cause). Set upft.sampling.backend: hf to sample with transformers instead, or "
-                    "change the vLLM setting it names (upft.sampling.max_model_len, gpu_memory_utilization, "
-                    "dtype)."
-                ) from err
+            # some kernels (attention head sizes) are only refused at the first step: take it now
+            self.generate(
+                [[0]], max_new_tokens=1, stop_ids=frozenset(), temperature=0, top_p=None, top_k=None, seed=0
+            )
+        except (RuntimeError, ValueError, NotImplementedError, EngineDeadError) as err:
+            self.close()
+            raise ValueError(
+                f"upft.sampling.backend: vLLM could not run {base_model} ({err} Its log above has the "
+                "cause.) Set upft.sampling.backend: hf to sample with the plugin's own decode loop instead, "
+                "or change the vLLM setting the log names (upft.sampling.max_model_len, "
+                "gpu_memory_utilization, dtype)."
+            ) from err
 
     def generate(self, prompts, *, pad_id=None, **options):
         from vllm import SamplingParams, TokensPrompt

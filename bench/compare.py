@@ -193,6 +193,11 @@ def train(cfg: dict, arm: str, overrides: dict) -> Path | None:
     return adapter
 
 
+def backend(cfg: dict) -> str:
+    """The recipe's upft.sampling.backend, which eval and analyze use too."""
+    return cfg["recipe"].get("upft", {}).get("sampling", {}).get("backend", "auto")
+
+
 def evaluate(cfg: dict, arm: str, split: str, adapter: Path | None) -> dict:
     """Greedy eval of one arm on one split; the per-question rows and summary are copied to results/."""
     name = f"{cfg['task']}-{split}"
@@ -210,6 +215,8 @@ def evaluate(cfg: dict, arm: str, split: str, adapter: Path | None) -> dict:
         str(cfg["max_new_tokens"]),
         "--batch-size",
         str(cfg["eval_batch_size"]),
+        "--backend",
+        backend(cfg),
     ]
     command += ["--adapter", str(adapter)] if adapter else []
     command += ["--limit", str(limit)] if limit else []
@@ -314,6 +321,7 @@ def stage_analyze(cfg: dict, arm: str, model) -> None:
         [json.loads(line) for line in lines],
         output_dir=cfg["output"] / "analysis" / arm,
         seed=cfg["recipe"].get("upft", {}).get("seed", 42),
+        backend=backend(cfg),
         **settings,
     )
     write_json(target, result)

@@ -12,7 +12,17 @@ os.environ.setdefault("WANDB_MODE", "disabled")
 
 import tiny
 
+from axolotl_upft import generation
 from axolotl_upft.args import REFERENCE_INSTRUCTION
+
+
+@pytest.fixture(autouse=True)
+def hf_loop_unless_marked_vllm(request, monkeypatch):
+    """`backend: auto` is vLLM wherever it is installed, as in `make test`. The tiny models of most tests
+    exercise the hf loop (and its head size is one vLLM's CPU kernels refuse), so vLLM is hidden from
+    `auto` in this process except in tests marked `vllm`; configs for subprocesses say `backend: hf`."""
+    if request.node.get_closest_marker("vllm") is None:
+        monkeypatch.setattr(generation, "is_vllm_available", lambda: False)
 
 
 @pytest.fixture(scope="session")
@@ -32,6 +42,13 @@ def tiny_corpus() -> list[str]:
 @pytest.fixture(scope="session")
 def tiny_model(tmp_path_factory, tiny_corpus) -> Path:
     return tiny.build_model(tmp_path_factory.mktemp("tiny-llama"), tiny_corpus)
+
+
+@pytest.fixture(scope="session")
+def vllm_model(tmp_path_factory, tiny_corpus) -> Path:
+    """A tiny model vLLM's CPU attention accepts (head size 64), with top-k 20 and top-p 0.95 in its
+    generation_config.json."""
+    return tiny.build_model(tmp_path_factory.mktemp("tiny-vllm"), tiny_corpus, hidden=128, heads=2)
 
 
 @pytest.fixture(scope="session")

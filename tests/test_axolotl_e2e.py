@@ -43,7 +43,7 @@ def write_config(tmp: Path, model: Path, questions: list[dict], **overrides) -> 
         "upft": {
             "prefix_length": 6,
             "structure_ratio": 0.25,
-            "sampling": {"max_new_tokens": 16, "batch_size": 8},
+            "sampling": {"max_new_tokens": 16, "batch_size": 8, "backend": "hf"},
         },
         "datasets": [{"path": str(data), "type": "upft"}],
         "dataset_prepared_path": str(tmp / "prepared"),

@@ -31,7 +31,10 @@ def setup(tmp_path_factory):
         **recipe,
         "sequence_len": 256,
         "gradient_accumulation_steps": 1,
-        "upft": {**recipe["upft"], "sampling": {"temperature": 1.0, "max_new_tokens": 8, "batch_size": 4}},
+        "upft": {
+            **recipe["upft"],
+            "sampling": {"temperature": 1.0, "max_new_tokens": 8, "batch_size": 4, "backend": "hf"},
+        },
     }
     config = {
         "model": str(model),

@@ -56,7 +56,7 @@ REL_TOL = 1e-4
 UPFT = {
     "prefix_length": 6,
     "structure_ratio": 0.25,
-    "sampling": {"max_new_tokens": 16, "batch_size": 8},
+    "sampling": {"max_new_tokens": 16, "batch_size": 8, "backend": "hf"},
     "loss_normalization": "sample",
 }
 
