@@ -204,7 +204,7 @@ def silent_rank_error(
     return (
         f"{desc}: rank {rank} still owes {len(owed)} batches ({', '.join(owed[:3])}"
         f"{', ...' if len(owed) > 3 else ''}) but has not rewritten {cache.heartbeat_path(rank)} for "
-        f"{timeout:g} s: it died or hangs. Run the same command again: it resumes from the batches in "
+        f"{timeout:g} s: it died or froze. Run the same command again: it resumes from the batches in "
         f"{cache.dir}. If that rank is only stalled (a slow shared filesystem), raise `ddp_timeout`."
     )
 
