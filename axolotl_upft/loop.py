@@ -3,8 +3,8 @@
 Plan batches over *all* requests, skip what the cache holds, deal the rest to ranks, seed each batch,
 generate, write a part file, wait for the other ranks' part files (polling the cache, not in a collective
 that times out), load, check the prompt digests. The callers differ only in what a request is and what
-becomes of its record. A plan never depends on what is cached, so a resumed run
-draws the samples a clean run would have drawn.
+becomes of its record. A plan never depends on what is cached, so a resumed run draws the samples a
+clean run would have drawn.
 """
 
 import logging
