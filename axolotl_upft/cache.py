@@ -4,6 +4,7 @@ Layout of one run, `<cache_dir>/<key>/`:
   meta.json          what the key was made of (for people; written first)
   part-<hash>-<n>.jsonl  one finished batch of n questions: a header line, then one record per question
   summary.json       written last: its presence means every question has its sample
+  rank-<r>.alive     rewritten by rank r while it samples under torchrun, removed when it is done
 Every file is written to a temp name and renamed, so a killed run leaves only whole files.
 """
 
@@ -101,14 +102,20 @@ class SampleCache:
                 records.setdefault(record.index, record)
         return records
 
+    def part_path(self, indices: list[int]) -> Path:
+        """The part file of one batch, named by its requests, so a rank knows which files others owe it."""
+        return self.dir / f"part-{digest(sorted(indices))[:20]}-{len(indices)}.jsonl"
+
+    def heartbeat_path(self, rank: int) -> Path:
+        return self.dir / f"rank-{rank}.alive"
+
     def write_part(self, records: list[Record]) -> Path:
-        name = digest(sorted(r.index for r in records))[:20]
         lines = [json.dumps({"format": FORMAT, "key": self.key, "count": len(records)})]
         lines += [
             json.dumps({"i": r.index, "kind": r.kind, "q": r.prompt_digest, "ids": r.ids, "stop": r.stopped})
             for r in records
         ]
-        path = self.dir / f"part-{name}-{len(records)}.jsonl"
+        path = self.part_path([r.index for r in records])
         atomic_write_text(path, "\n".join(lines) + "\n")
         return path
 

@@ -61,12 +61,12 @@ def sample_command(config):
     from axolotl.utils.data.sft import _load_and_process_single_dataset
 
     from .dataset import SAMPLES_DIR
-    from .distributed import CFG_KEY, Distributed
+    from .distributed import CFG_KEY, Distributed, ddp_timeout
 
     cfg = load_config_single_process(load_cfg, config)
     datasets = upft_datasets(cfg)
     tokenizer = load_tokenizer(cfg)
-    dist = cfg[CFG_KEY] = Distributed.from_env()
+    dist = cfg[CFG_KEY] = Distributed.from_env(ddp_timeout(cfg))
     try:
         # Axolotl's own loader, so the questions match what `preprocess` will see.
         loaded = [
@@ -141,10 +141,10 @@ def eval_command(
     data_dir,
 ):
     """Greedy, zero-shot accuracy on math benchmarks (shards across ranks under torchrun)."""
-    from .distributed import Distributed
+    from .distributed import Distributed, ddp_timeout
     from .evaluate import evaluate
 
-    dist = Distributed.from_env()
+    dist = Distributed.from_env(ddp_timeout())
     try:
         for benchmark in benchmarks:
             summary = evaluate(

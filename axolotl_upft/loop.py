@@ -1,23 +1,27 @@
 """The one generation loop of self-sampling, evaluation and the prefix analysis.
 
 Plan batches over *all* requests, skip what the cache holds, deal the rest to ranks, seed each batch,
-generate, write a part file, barrier, load, check the prompt digests. The callers differ only in what
-a request is and what becomes of its record. A plan never depends on what is cached, so a resumed run
-draws the samples a clean run would have drawn.
+generate, write a part file, wait for the other ranks' part files (polling the cache, not in a collective
+that times out), load, check the prompt digests. The callers differ only in what a request is and what
+becomes of its record. A plan never depends on what is cached, so a resumed run draws the samples a
+clean run would have drawn.
 """
 
 import logging
+import os
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Protocol
 
 from tqdm.auto import tqdm
 
 from .cache import Record, SampleCache, digest, ids_digest
-from .distributed import Distributed
+from .distributed import Distributed, Heartbeat
 
 LOG = logging.getLogger(__name__)
+LOG_SECONDS = 60  # how often rank 0 says whom it waits for
 
 
 class Request(Protocol):
@@ -126,6 +130,9 @@ def generate_all(
     dist.barrier()
     cached = sum(r.index in done for r in requests)
     work = pending(plan_batches(requests, sizes), done, seed)
+    owed = {
+        cache.part_path([r.index for r in batch]): j % dist.world_size for j, (_, batch) in enumerate(work)
+    }
     mine = work[dist.rank :: dist.world_size]
     if mine:
         LOG.info(
@@ -140,14 +147,23 @@ def generate_all(
             dist.world_size,
         )
         total = len(requests) - cached
-        model = load()
-        try:
-            run_batches(
-                mine, cache, model, limits, options, desc=desc, total=total, before=len(done), rank=dist.rank
-            )
-        finally:
-            model.close()
-    dist.barrier()
+        with Heartbeat(cache.heartbeat_path(dist.rank), dist.poll_seconds):
+            model = load()
+            try:
+                run_batches(
+                    mine,
+                    cache,
+                    model,
+                    limits,
+                    options,
+                    show=dist.rank == 0,
+                    desc=desc,
+                    total=total,
+                    before=len(done),
+                )
+            finally:
+                model.close()
+    wait_for_ranks(owed, cache, dist, desc)
     records = cache.load()
     check_records(records, requests, cache)
     lacking = [r.index for r in requests if r.index not in records]
@@ -158,12 +174,59 @@ def generate_all(
     return Generated(by_index, cached, new_tokens, time.perf_counter() - started)
 
 
+def wait_for_ranks(owed: dict[Path, int], cache: SampleCache, dist: Distributed, desc: str) -> None:
+    """Poll the cache until every batch (part file -> rank it was dealt to) is written. No collective waits,
+    so the slowest rank may take as long as it needs; a rank that still owes batches and has not touched its
+    heartbeat for `dist.timeout` seconds is taken for dead."""
+    seen: dict[int, tuple[str | None, float]] = {}
+    logged = -LOG_SECONDS
+    while missing := unwritten(owed, cache.dir):
+        now = time.monotonic()
+        for rank in sorted(set(missing.values())):
+            beat = read_heartbeat(cache.heartbeat_path(rank))
+            if rank not in seen or seen[rank][0] != beat:
+                seen[rank] = (beat, now)
+            elif now - seen[rank][1] > dist.timeout:
+                raise RuntimeError(silent_rank_error(rank, missing, cache, dist.timeout, desc))
+        if dist.rank == 0 and now - logged >= LOG_SECONDS:
+            LOG.info(
+                "%s: waiting for %d batches of ranks %s", desc, len(missing), sorted(set(missing.values()))
+            )
+            logged = now
+        time.sleep(dist.poll_seconds)
+
+
+def unwritten(owed: dict[Path, int], folder: Path) -> dict[Path, int]:
+    """The owed part files not yet in `folder`, from one directory read (not a stat per file)."""
+    present = set(os.listdir(folder)) if folder.is_dir() else set()
+    return {path: rank for path, rank in owed.items() if path.name not in present}
+
+
+def read_heartbeat(path: Path) -> str | None:
+    try:
+        return path.read_text()
+    except FileNotFoundError:
+        return None
+
+
+def silent_rank_error(
+    rank: int, missing: dict[Path, int], cache: SampleCache, timeout: float, desc: str
+) -> str:
+    owed = sorted(path.name for path, owner in missing.items() if owner == rank)
+    return (
+        f"{desc}: rank {rank} still owes {len(owed)} batches ({', '.join(owed[:3])}"
+        f"{', ...' if len(owed) > 3 else ''}) but has not rewritten {cache.heartbeat_path(rank)} for "
+        f"{timeout:g} s: it died or froze. Run the same command again: it resumes from the batches in "
+        f"{cache.dir}. If that rank is only stalled (a slow shared filesystem), raise `ddp_timeout`."
+    )
+
+
 def run_batches(
-    mine, cache: SampleCache, model: Generator, limits, options, *, desc, total, before, rank
+    mine, cache: SampleCache, model: Generator, limits, options, *, show, desc, total, before
 ) -> None:
     """Generate and write this rank's batches; the progress bar counts every rank's part files."""
     started, new_tokens = time.perf_counter(), 0
-    bar = tqdm(total=total, desc=desc, unit="q", disable=rank != 0)
+    bar = tqdm(total=total, desc=desc, unit="q", disable=not show)
     for seed, batch in mine:
         outputs = model.generate(
             [r.prompt_ids for r in batch], max_new_tokens=limits[batch[0].kind], seed=seed, **options

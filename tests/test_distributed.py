@@ -1,5 +1,6 @@
 """`axolotl-upft sample` under torchrun (gloo, CPU): ranks share the work and write the same cache."""
 
+import contextlib
 import os
 import signal
 import socket
@@ -115,3 +116,57 @@ def test_a_killed_run_resumes_without_duplicates_or_losses(tmp_path, tiny_model,
     assert files == cache_files(reference), "no duplicate, no partial row, the very samples of a clean run"
     summary = yaml.safe_load(next((samples).glob("*/summary.json")).read_text())
     assert summary["tokens_generated_this_run"] < summary["tokens_generated"], "the rerun sampled fewer"
+
+
+SLOW_RANK = Path(__file__).parent / "harness" / "slow_rank.py"
+
+
+def slow_rank_run(
+    tmp_path, tiny_model, questions, name: str, timeout: int, **late
+) -> tuple[Path, list, dict]:
+    """torchrun of two ranks with `ddp_timeout: timeout` where rank 1 is late with its first part file."""
+    config = sample_config(
+        tmp_path, tiny_model, questions, name, sampling={"max_new_tokens": 16, "batch_size": 2}
+    )
+    config.write_text(yaml.safe_dump(yaml.safe_load(config.read_text()) | {"ddp_timeout": timeout}))
+    launch = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2"]
+    launch += ["--master_port", str(free_port()), str(SLOW_RANK), str(config)]
+    late_env = {f"UPFT_TEST_{key.upper()}": str(value) for key, value in late.items()}
+    return config, launch, env() | {"UPFT_TEST_SLOW_RANK": "1"} | late_env
+
+
+def test_ranks_that_finish_first_wait_longer_than_ddp_timeout_for_a_slow_rank(
+    tmp_path, tiny_model, questions
+):
+    config, launch, run_env = slow_rank_run(tmp_path, tiny_model, questions, "slow", 8, slow_seconds=20)
+    done = subprocess.run(launch, env=run_env, capture_output=True, text=True, timeout=240, check=False)
+    assert done.returncode == 0, (done.stdout + done.stderr)[-4000:]
+    assert '"questions": 24' in done.stdout
+    parts = config.parent.glob("samples/*/part-*.jsonl")
+    written = sorted(p.stat().st_mtime for p in parts)
+    assert len(written) == 4 and written[-1] - written[0] > 8, "rank 0 waited past ddp_timeout for rank 1"
+
+
+def test_a_frozen_rank_fails_the_others_after_ddp_timeout_with_an_error_naming_it(
+    tmp_path, tiny_model, questions
+):
+    pid_file = tmp_path / "frozen.pid"
+    _, launch, run_env = slow_rank_run(tmp_path, tiny_model, questions, "frozen", 5, freeze_pid_file=pid_file)
+    log = tmp_path / "torchrun.log"
+    with log.open("w") as out:
+        proc = subprocess.Popen(launch, env=run_env, stdout=out, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.time() + 120
+        while "rank 1 still owes" not in log.read_text() and proc.poll() is None and time.time() < deadline:
+            time.sleep(0.2)
+        assert "rank 1 still owes 2 batches" in log.read_text(), log.read_text()[-4000:]
+    finally:
+        if pid_file.exists():
+            with contextlib.suppress(ProcessLookupError):  # else torchrun waits 30 s before it kills it
+                os.kill(int(pid_file.read_text()), signal.SIGKILL)
+        try:
+            proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            proc.terminate()  # torchrun ends its workers on SIGTERM
+            proc.wait(timeout=60)
+    assert proc.returncode != 0

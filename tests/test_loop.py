@@ -1,6 +1,8 @@
 """The one generation loop: batch plans, seeds, and resume that draws exactly the samples of a clean run."""
 
 import json
+import threading
+import time
 
 import pytest
 import torch
@@ -8,9 +10,10 @@ from axolotl.utils.dict import DictDefault
 
 from axolotl_upft import generation
 from axolotl_upft.args import UPFTConfig
+from axolotl_upft.cache import Record, SampleCache
 from axolotl_upft.dataset import build_rows
-from axolotl_upft.distributed import CFG_KEY, Distributed
-from axolotl_upft.loop import Prompt, batch_seed, pending, plan_batches
+from axolotl_upft.distributed import CFG_KEY, Distributed, Heartbeat
+from axolotl_upft.loop import Prompt, batch_seed, pending, plan_batches, wait_for_ranks
 from axolotl_upft.rows import FULL, PREFIX
 
 
@@ -71,8 +74,8 @@ def test_a_resumed_run_draws_the_samples_of_a_clean_run_with_memory_sized_batche
         )
 
     clean = run(tmp_path / "clean", Distributed())
-    with pytest.raises(RuntimeError, match="have no generation"):
-        run(tmp_path / "resumed", LoneRank(1, 2))
+    with pytest.raises(RuntimeError, match="rank 0 still owes 3 batches"):
+        run(tmp_path / "resumed", LoneRank(1, 2, timeout=1))
     finished = cached_samples(tmp_path / "resumed")
     assert 8 in finished and 5 not in finished, (
         "rank 1 finished the widest prompt: a plan over the missing questions alone would take batches of 5"
@@ -98,3 +101,32 @@ def test_a_batch_halved_after_running_out_of_memory_is_seeded_the_same_on_every_
     assert seen == [(2, 101), (1, 103), (2, 104)]
     assert first == [([101], True)] * 2 + [([103], True)] + [([104], True)] * 2
     assert sampler.generate([[1]] * 5, seed=100, max_new_tokens=4) == first
+
+
+def opened_cache(tmp_path) -> SampleCache:
+    cache = SampleCache(tmp_path, "k" * 64, {})
+    cache.open()
+    return cache
+
+
+def test_a_waiting_rank_outwaits_a_slow_rank_as_long_as_its_heartbeat_goes_on(tmp_path):
+    cache = opened_cache(tmp_path)
+    rank0 = Distributed(0, 2, timeout=0.3)
+    late = threading.Timer(1.0, cache.write_part, [[Record(7, "prefix", "q", [1], True)]])
+    started = time.monotonic()
+    with Heartbeat(cache.heartbeat_path(1), interval=0.03):
+        late.start()
+        wait_for_ranks({cache.part_path([7]): 1}, cache, rank0, "test")
+    assert time.monotonic() - started > 0.9, "returned only once rank 1's part file was there"
+    assert not cache.heartbeat_path(1).exists(), "a rank that is done leaves no heartbeat behind"
+
+
+def test_a_rank_whose_heartbeat_stands_still_is_named_once_the_timeout_has_passed(tmp_path):
+    cache = opened_cache(tmp_path)
+    cache.heartbeat_path(1).write_text("left by a killed run")
+    owed = {cache.part_path([1, 2]): 0, cache.part_path([3, 4]): 1, cache.part_path([5, 6]): 1}
+    cache.write_part([Record(i, "prefix", "q", [1], True) for i in (1, 2)])
+    started = time.monotonic()
+    with pytest.raises(RuntimeError, match=r"rank 1 still owes 2 batches .* for 0.3 s.* raise `ddp_timeout`"):
+        wait_for_ranks(owed, cache, Distributed(0, 2, timeout=0.3), "test")
+    assert 0.3 < time.monotonic() - started < 2
