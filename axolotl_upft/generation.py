@@ -25,6 +25,7 @@ POOL = 4  # the hf backend decodes a batch size of rows at a time from calls of 
 # vLLM schedules its own batches; this only sizes the cache's part files (what a crash loses, progress steps)
 VLLM_BATCH = {"cuda": 4096, "cpu": 256}
 VLLM_CPU_MEMORY_SHARE = 0.3  # of RAM on CPU, where vLLM refuses its GPU default of 0.9
+CPU_PREFILL_TOKENS = 4096  # vLLM's CPU default token budget per step (a longer context raises it)
 
 
 def sampling_device() -> torch.device:
@@ -436,6 +437,11 @@ def engine_options(base_model: str, sampling, max_model_len: int | None) -> dict
     memory = sampling.gpu_memory_utilization or (VLLM_CPU_MEMORY_SHARE if cpu else None)
     if memory is not None:
         options["gpu_memory_utilization"] = memory
+    if cpu:
+        # vLLM 0.32's CPU worker dies on a seeded request whose prefill is split over steps ("CPU Generator
+        # does not use offset"), so every prompt is prefilled whole there.
+        options["enable_chunked_prefill"] = False
+        options["max_num_batched_tokens"] = max(CPU_PREFILL_TOKENS, options["max_model_len"] or 0)
     return options
 
 

@@ -8,10 +8,15 @@
 
   python bench/sampling.py --speed --model M --n 2048 --width 160          # prefix speed vs plain generate
   python bench/sampling.py --compare --model M --n 32 --batch-size 8 --threads 1  # tokens/s vs plain generate
+  python bench/sampling.py --engines --model M --n 32 --batch-size 16 --max-new-tokens 128  # vLLM vs both
 
 --compare: plain `generate` on batches of --batch-size against the project's decode loop on pools of 4 such
 batches (--batch-size rows running, refilled as rows stop), same prompts, greedy and sampled, prefixes and
 full traces, alternating which goes first; greedy also counts rows whose tokens differ.
+
+--engines: vLLM against the hf loop and plain `generate` (as --compare), same prompts, greedy and sampled,
+prefixes and full traces, --repeats rounds that rotate which engine goes first; one vLLM engine and one hf
+model stay loaded throughout (start-up is timed apart).
 
 --speed times prefix sampling only (k new tokens, prompts cut or cycled to --width tokens): plain
 `generate` at batch 256 (dynamic cache) against the project's sampler with its own batch sizes
@@ -31,6 +36,7 @@ from transformers import AutoTokenizer
 from axolotl_upft.args import UPFTConfig
 from axolotl_upft.generation import (
     HFSampler,
+    VLLMSampler,
     call_sizes,
     left_pad,
     load_model,
@@ -225,6 +231,75 @@ def side_by_side(args, prompts: list[list[int]], options: dict) -> dict:
     return result
 
 
+def timed(run, *args) -> tuple[list, float]:
+    start = time.perf_counter()
+    out = run(*args)
+    return out, time.perf_counter() - start
+
+
+def engine_runners(args, prompts: list[list[int]]) -> tuple[dict, dict]:
+    """name -> run(prompts, limit, settings, seed) for vLLM, the hf loop and plain `generate`; start-up s."""
+    startup = {}
+    hf, startup["hf"] = timed(
+        lambda: HFSampler(load_model(args.model, sampling_device()), running=args.batch_size)
+    )
+    context = max(len(p) for p in prompts) + max(args.k, args.max_new_tokens)
+    sampling = UPFTConfig(sampling={"backend": "vllm"}).sampling
+    vllm, startup["vllm"] = timed(lambda: VLLMSampler(args.model, sampling, max_model_len=context))
+    pool = call_sizes({"x": args.batch_size}, "hf", "dynamic")["x"]
+
+    def plain(ids, limit, settings, seed):
+        return [
+            row
+            for j in range(0, len(ids), args.batch_size)
+            for row in plain_generate(
+                hf.model, ids[j : j + args.batch_size], max_new_tokens=limit, options=settings, seed=seed
+            )
+        ]
+
+    def loop(ids, limit, settings, seed):  # pools of POOL batches, as `sample` calls it
+        return [
+            row
+            for j in range(0, len(ids), pool)
+            for row in hf.generate(ids[j : j + pool], max_new_tokens=limit, seed=seed, **settings)
+        ]
+
+    def engine(ids, limit, settings, seed):  # one call: vLLM schedules its own batches
+        return vllm.generate(ids, max_new_tokens=limit, seed=seed, **settings)
+
+    return {"vllm": engine, "hf_loop": loop, "plain_generate": plain}, startup | {"close": vllm.close}
+
+
+def engine_race(args, prompts: list[list[int]], options: dict) -> dict:
+    """Tokens/s of each engine per (kind, greedy/sampled), rounds rotating the order; ratios of vLLM's."""
+    runners, startup = engine_runners(args, prompts)
+    close = startup.pop("close")
+    result = {"startup_seconds": {k: round(v, 1) for k, v in startup.items()}}
+    names = list(runners)
+    try:
+        for kind, limit in ((PREFIX, args.k), (FULL, args.max_new_tokens)):
+            for mode, temperature in (("greedy", 0.0), ("sampled", args.temperature)):
+                settings = options | {"temperature": temperature}
+                totals = {name: [0, 0.0] for name in names}
+                for round_ in range(args.repeats):
+                    for name in names[round_ % 3 :] + names[: round_ % 3]:
+                        out, seconds = timed(runners[name], prompts, limit, settings, round_)
+                        totals[name][0] += sum(len(ids) for ids, _ in out)
+                        totals[name][1] += seconds
+                rates = {name: round(tokens / seconds, 1) for name, (tokens, seconds) in totals.items()}
+                result[f"{kind}_{mode}"] = {
+                    "tokens": {name: tokens for name, (tokens, _) in totals.items()},
+                    "seconds": {name: round(seconds, 2) for name, (_, seconds) in totals.items()},
+                    "tokens_per_second": rates,
+                    "vllm_vs_hf_loop": round(rates["vllm"] / rates["hf_loop"], 2),
+                    "vllm_vs_plain_generate": round(rates["vllm"] / rates["plain_generate"], 2),
+                }
+                print(json.dumps({f"{kind}_{mode}": result[f"{kind}_{mode}"]}), file=sys.stderr, flush=True)
+    finally:
+        close()
+    return result
+
+
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -240,6 +315,8 @@ def main(argv=None) -> dict:
     parser.add_argument("--temperature", type=float, default=0.6)
     parser.add_argument("--speed", action="store_true", help="prefix speed vs plain generate (see above)")
     parser.add_argument("--compare", action="store_true", help="tokens/s vs plain generate (see above)")
+    parser.add_argument("--engines", action="store_true", help="vLLM vs the hf loop and generate (see above)")
+    parser.add_argument("--repeats", type=int, default=3, help="--engines: rounds, rotating the order")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     parser.add_argument("--kinds", default=f"{PREFIX},{FULL}", help="--compare: which of prefix,full to race")
     parser.add_argument("--width", type=int, default=160, help="--speed: prompt length in tokens")
@@ -260,6 +337,23 @@ def main(argv=None) -> dict:
     options = sampling_options(settings, stop_ids(tokenizer, generation_config), pad_token_id(tokenizer))
     texts = load_questions(args.n, args.data)
     prompts = [render_prompt_ids(tokenizer, chat_messages(t, None)) for t in texts]
+    if args.engines:
+        result = {
+            "device": str(sampling_device()),
+            "threads": torch.get_num_threads(),
+            "model": args.model,
+            "n": len(prompts),
+            "batch_size": args.batch_size,
+            "k": args.k,
+            "max_new_tokens": args.max_new_tokens,
+            "temperature": args.temperature,
+            "top_k": settings["top_k"],
+            "top_p": settings["top_p"],
+            "repeats": args.repeats,
+        } | engine_race(args, prompts, options)
+        json.dump(result, sys.stdout, indent=2)
+        print()
+        return result
     if args.compare:
         result = {
             "device": str(sampling_device()),
@@ -331,5 +425,5 @@ def main(argv=None) -> dict:
     return result
 
 
-if __name__ == "__main__":
+if __name__ == "__main__":  # vLLM starts its engine in spawned processes, which re-import this file
     main()

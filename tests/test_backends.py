@@ -1,16 +1,15 @@
-"""Sampling backends: vLLM is optional (a clear ImportError), and on a GPU it fills the same cache."""
+"""Sampling backends: which one auto picks, vLLM's engine options and devices, and a clear ImportError
+without vLLM. The real engine runs in test_vllm.py."""
+
+import os
 
 import pytest
 import torch
 from axolotl.utils.dict import DictDefault
 
 from axolotl_upft import generation
-from axolotl_upft.args import UPFTConfig
+from axolotl_upft.args import SamplingConfig, UPFTConfig
 from axolotl_upft.dataset import build_rows
-
-needs_vllm_gpu = pytest.mark.skipif(
-    not (generation.is_vllm_available() and torch.cuda.is_available()), reason="needs vLLM and a CUDA GPU"
-)
 
 
 def run(questions, model, tokenizer, cache, backend):
@@ -25,30 +24,104 @@ def run(questions, model, tokenizer, cache, backend):
     )
 
 
-@pytest.mark.skipif(generation.is_vllm_available(), reason="vLLM is installed here")
 def test_vllm_backend_without_vllm_names_the_extra_to_install(
     questions, tiny_model, tiny_tokenizer, tmp_path
 ):
+    assert not generation.is_vllm_available(), "conftest hides vLLM outside tests marked vllm"
     with pytest.raises(ImportError, match=r'pip install "axolotl-upft\[vllm\]"'):
         run(questions, tiny_model, tiny_tokenizer, tmp_path, "vllm")
 
 
 @pytest.mark.parametrize(
-    ("vllm", "gpu", "expected"), [(True, False, "hf"), (False, True, "hf"), (True, True, "vllm")]
+    ("vllm", "gpu", "expected"), [(True, False, "vllm"), (False, True, "hf"), (True, True, "vllm")]
 )
-def test_auto_backend_picks_vllm_only_with_both_vllm_and_a_gpu(monkeypatch, vllm, gpu, expected):
+def test_auto_backend_is_vllm_wherever_it_is_installed(monkeypatch, vllm, gpu, expected):
     monkeypatch.setattr(generation, "is_vllm_available", lambda: vllm)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: gpu)
     assert generation.resolve_backend("auto") == expected
     assert generation.resolve_backend("hf") == "hf" and generation.resolve_backend("vllm") == "vllm"
 
 
-def test_auto_backend_samples_with_hf_on_a_cpu_even_where_vllm_looks_installed(
-    monkeypatch, questions, tiny_model, tiny_tokenizer, tmp_path
+def test_auto_backend_samples_with_the_hf_loop_where_vllm_is_missing(
+    questions, tiny_model, tiny_tokenizer, tmp_path
 ):
-    monkeypatch.setattr(generation, "is_vllm_available", lambda: True)  # vLLM itself is never imported here
     rows = run(questions, tiny_model, tiny_tokenizer, tmp_path, "auto")
     assert len(rows) == 8
+
+
+def test_the_engine_options_default_to_what_runs_on_cpu_and_on_a_gpu(monkeypatch):
+    sampling = SamplingConfig()
+    cpu = generation.engine_options("m", sampling, 300)
+    assert cpu == {
+        "model": "m",
+        "tensor_parallel_size": 1,
+        "dtype": "float32",
+        "generation_config": "vllm",
+        "max_model_len": 300,
+        "enforce_eager": True,
+        "gpu_memory_utilization": generation.VLLM_CPU_MEMORY_SHARE,
+        "enable_chunked_prefill": False,
+        "max_num_batched_tokens": 4096,
+    }, "vLLM refuses its 0.9 GPU default on CPU, where compiling costs more than it saves"
+    assert generation.engine_options("m", sampling, 9000)["max_num_batched_tokens"] == 9000, (
+        "unchunked, the longest prompt must fit in one step"
+    )
+    monkeypatch.setattr(generation, "sampling_device", lambda: torch.device("cuda", 0))
+    gpu = generation.engine_options("m", sampling, 300)
+    assert (gpu["dtype"], gpu["enforce_eager"], "gpu_memory_utilization" in gpu) == ("bfloat16", False, False)
+    assert "enable_chunked_prefill" not in gpu, "chunked prefill stays on where seeded requests survive it"
+    set_ = SamplingConfig(
+        dtype="float16",
+        gpu_memory_utilization=0.5,
+        max_model_len=4096,
+        enforce_eager=True,
+        tensor_parallel_size=2,
+    )
+    monkeypatch.undo()
+    assert generation.engine_options("m", set_, 300) | {"model": "m"} == {
+        "model": "m",
+        "tensor_parallel_size": 2,
+        "dtype": "float16",
+        "generation_config": "vllm",
+        "max_model_len": 4096,
+        "enforce_eager": True,
+        "gpu_memory_utilization": 0.5,
+        "enable_chunked_prefill": False,
+        "max_num_batched_tokens": 4096,
+    }, "every setting from YAML wins"
+
+
+@pytest.mark.parametrize(
+    ("visible", "local_rank", "tp", "expected"),
+    [(None, 1, 1, "1"), (None, 1, 2, "2,3"), ("4,5,6,7", 3, 1, "7"), ("4,5,6,7", 0, 4, "4,5,6,7")],
+)
+def test_under_torchrun_each_ranks_engine_sees_only_its_own_gpus(
+    monkeypatch, visible, local_rank, tp, expected
+):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 4)
+    env = {"WORLD_SIZE": "4", "RANK": str(local_rank), "LOCAL_RANK": str(local_rank), "MASTER_PORT": "29500"}
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    if visible:
+        monkeypatch.setenv("CUDA_VISIBLE_DEVICES", visible)
+    before = dict(os.environ)
+    with generation.engine_environment(tp):
+        assert os.environ["CUDA_VISIBLE_DEVICES"] == expected, "the engine's processes inherit this"
+        assert not set(generation.TORCHRUN_VARIABLES) & set(os.environ), "the engine is a world of its own"
+    assert dict(os.environ) == before, "the rank's own environment is restored"
+
+
+def test_more_engine_gpus_than_the_node_has_names_the_settings():
+    with pytest.raises(ValueError, match=r"tensor_parallel_size: 2 on local rank 1 needs devices 2..3"):
+        generation.rank_devices(["0", "1"], 1, 2)
+
+
+def test_one_process_on_cpu_leaves_the_environment_alone(monkeypatch):
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    with generation.engine_environment(1):
+        assert "CUDA_VISIBLE_DEVICES" not in os.environ
 
 
 def test_vllm_request_parameters_carry_the_hf_settings_in_vllms_terms():
@@ -81,7 +154,7 @@ def test_vllm_request_parameters_carry_the_hf_settings_in_vllms_terms():
     assert off["top_k"] == -1, "transformers' 0 (off) is vLLM's -1"
 
 
-@pytest.mark.skipif(not generation.is_vllm_available(), reason="vLLM is not installed")
+@pytest.mark.vllm
 def test_vllm_sampling_params_accepts_every_mapped_parameter_with_its_value():
     from vllm import SamplingParams
 
@@ -89,18 +162,3 @@ def test_vllm_sampling_params_accepts_every_mapped_parameter_with_its_value():
     kwargs = generation.vllm_sampling_params(1, seed=5, repetition_penalty=1.05, **options)[0]
     params = SamplingParams(**kwargs)
     assert {name: getattr(params, name) for name in kwargs} == kwargs
-
-
-@pytest.mark.gpu
-@needs_vllm_gpu
-def test_vllm_rows_follow_the_same_prefix_and_mask_rules_as_hf(
-    questions, tiny_model, tiny_tokenizer, tmp_path
-):
-    hf = run(questions, tiny_model, tiny_tokenizer, tmp_path / "hf", "hf")
-    vllm = run(questions, tiny_model, tiny_tokenizer, tmp_path / "vllm", "vllm")
-    assert [r.kind for r in vllm] == [r.kind for r in hf]
-    for a, b in zip(hf, vllm):
-        prompt = sum(label == -100 for label in a.labels)
-        assert b.input_ids[:prompt] == a.input_ids[:prompt], "same prompts, same masks"
-        if b.kind == "prefix":
-            assert b.num_trained <= 5, "k = 4 generated ids + EOS"

@@ -39,9 +39,15 @@ def vllm_config(tmp: Path, model: Path, questions: list[dict], name: str, **samp
     return config
 
 
+def cached(folder: Path) -> dict:
+    """The records of the one sample cache under `folder`."""
+    (run_dir,) = folder.iterdir()
+    key = json.loads((run_dir / "meta.json").read_text())["key"]
+    return SampleCache(folder, key, {}).load()
+
+
 def records(config: Path) -> dict:
-    (run_dir,) = (config.parent / "samples").iterdir()
-    return SampleCache(run_dir.parent, run_dir.name, {}).load()
+    return cached(config.parent / "samples")
 
 
 @pytest.fixture(scope="module")
@@ -138,7 +144,8 @@ def test_closing_the_engine_gives_its_memory_back(vllm_model, tiny_tokenizer):
 
     before, children = process_tree_rss()
     sampler = VLLMSampler(str(vllm_model), SamplingConfig(backend="vllm"), max_model_len=64)
-    out = sampler.generate([[5, 6, 7]] * 4, max_new_tokens=4, stop_ids={tiny_tokenizer.eos_token_id}, seed=0)
+    greedy = {"temperature": 0, "top_p": None, "top_k": None, "stop_ids": {tiny_tokenizer.eos_token_id}}
+    out = sampler.generate([[5, 6, 7]] * 4, max_new_tokens=4, seed=0, **greedy)
     running, engines = process_tree_rss()
     sampler.close()
     time.sleep(1)
@@ -205,10 +212,7 @@ def test_analyze_with_vllm_draws_the_hf_loops_tokens_when_top_k_is_1(
             tokenizer=tiny_tokenizer,
             backend=backend,
         )
-        (run_dir,) = (out / "parts").iterdir()
-        trajectories[backend] = {
-            i: r.ids for i, r in SampleCache(run_dir.parent, run_dir.name, {}).load().items()
-        }
+        trajectories[backend] = {i: r.ids for i, r in cached(out / "parts").items()}
     assert len(trajectories["vllm"]) == 8
     assert trajectories["vllm"] == trajectories["hf"]
 
@@ -231,9 +235,9 @@ def chi_square_p(tokens: list[int], probs) -> float:
     return float(chisquare(observed, wanted).pvalue)
 
 
-def test_vllm_and_the_hf_loop_draw_first_tokens_from_one_distribution(vllm_model, tiny_tokenizer):
+def test_vllm_and_the_hf_loop_draw_first_tokens_from_one_distribution(vllm_model, tiny_tokenizer, questions):
     """3,000 first tokens from each engine, one seed per request, with the generation_config's top-k 20 and
-    top-p 0.95, temperature 1.5 and repetition_penalty 1.5, against the exact distribution from the model's
+    top-p 0.95, temperature 1.5 and repetition_penalty 2.0, against the exact distribution from the model's
     logits and transformers' processors. Pearson's chi-square must not reject it at 0.001 (a false alarm
     once in a thousand runs), and must reject the distribution without the penalty (the test has power)."""
     import torch
@@ -248,10 +252,11 @@ def test_vllm_and_the_hf_loop_draw_first_tokens_from_one_distribution(vllm_model
     from axolotl_upft.selfsample import read_generation_config, sampling_options, sampling_settings, stop_ids
 
     config = read_generation_config(str(vllm_model))
-    settings = sampling_settings(SamplingConfig(temperature=1.5, repetition_penalty=1.5), config)
+    settings = sampling_settings(SamplingConfig(temperature=1.5, repetition_penalty=2.0), config)
     assert (settings["top_k"], settings["top_p"]) == (20, 0.95), "from generation_config.json"
     options = sampling_options(settings, stop_ids(tiny_tokenizer, config), pad_token_id(tiny_tokenizer))
-    prompt = render_prompt_ids(tiny_tokenizer, chat_messages("The answer is 18 .", None))
+    # a question whose likely first tokens are in the prompt, so the penalty moves 9% of the probability
+    prompt = render_prompt_ids(tiny_tokenizer, chat_messages(questions[5]["question"], None))
     model = load_model(str(vllm_model), torch.device("cpu"))
     with torch.no_grad():
         logits = model(torch.tensor([prompt])).logits[:, -1].float()
@@ -271,7 +276,7 @@ def test_vllm_and_the_hf_loop_draw_first_tokens_from_one_distribution(vllm_model
         engine.close()
     for name, draws in (("hf", hf), ("vllm", vllm)):
         tokens = [ids[0] for ids, _ in draws]
-        assert chi_square_p(tokens, target(1.5)) > 1e-3, f"{name} draws from another distribution"
+        assert chi_square_p(tokens, target(2.0)) > 1e-3, f"{name} draws from another distribution"
         assert chi_square_p(tokens, target(1.0)) < 1e-3, f"{name}: the penalty must be visible in the draws"
 
 
