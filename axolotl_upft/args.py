@@ -38,8 +38,9 @@ class SamplingConfig(BaseModel):
     batch_size: int | None = Field(
         None,
         ge=1,
-        description="Questions generated together; null: on a GPU 256 or what fits in memory if less, "
-        "16 on CPU (a batch that runs out of memory is halved).",
+        description="hf: full traces decoded at a time; null: on a GPU 256 or what fits in memory if less, "
+        "16 on CPU (a batch that runs out of memory is halved). vLLM, which schedules its own batches: "
+        "questions per call and cache part file; null: 4096 on a GPU, 256 on CPU.",
     )
     prefix_batch_size: int | None = Field(
         None,

@@ -487,9 +487,12 @@ class VLLMSampler:
         """Stop the engine's processes; their memory (weights, KV cache) goes with them."""
         llm, self.llm = self.llm, None
         if llm is not None:
+            import multiprocessing
+
             llm.llm_engine.engine_core.shutdown()
             del llm
             gc.collect()
+            multiprocessing.active_children()  # reaps the stopped engine process (no zombie left)
 
 
 def load_sampler(base_model: str, sampling, max_model_len: int | None = None):
