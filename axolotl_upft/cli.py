@@ -6,7 +6,7 @@ from pathlib import Path
 
 import click
 
-UPFT_TYPES = ("upft", "axolotl_upft.dataset")
+from .args import UPFT_TYPES
 
 
 @click.group()
@@ -87,7 +87,17 @@ main.add_command(sample_command, name="sample")
 
 @click.command("upft-eval")
 @click.option(
-    "--model", "model_path", required=True, help="Model folder or hub name (the base when --adapter is set)."
+    "--model",
+    "model_path",
+    default=None,
+    help="Model folder or hub name (the base when --adapter is set); default: --config's base_model.",
+)
+@click.option(
+    "--config",
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    default=None,
+    help="Training config: prompts use its chat template, chat_template_kwargs, eot_tokens and "
+    "upft.system_prompt, as its rows did. Default: the tokenizer's own template.",
 )
 @click.option(
     "--adapter",
@@ -107,7 +117,11 @@ main.add_command(sample_command, name="sample")
 @click.option(
     "--output", type=click.Path(file_okay=False, path_type=Path), default=Path("eval"), show_default=True
 )
-@click.option("--system-prompt", default=None, help="System turn; default: the chat template's own.")
+@click.option(
+    "--system-prompt",
+    default=None,
+    help="System turn; default: --config's upft.system_prompt, else the chat template's own.",
+)
 @click.option("--max-new-tokens", type=click.IntRange(min=1), default=1024, show_default=True)
 @click.option("--batch-size", type=click.IntRange(min=1), default=16, show_default=True)
 @click.option(
@@ -117,12 +131,34 @@ main.add_command(sample_command, name="sample")
     help="Folder of the named benchmarks (default: $UPFT_DATA_DIR or ../shared/data).",
 )
 def eval_command(
-    model_path, adapter, benchmarks, limit, output, system_prompt, max_new_tokens, batch_size, data_dir
+    model_path,
+    config,
+    adapter,
+    benchmarks,
+    limit,
+    output,
+    system_prompt,
+    max_new_tokens,
+    batch_size,
+    data_dir,
 ):
     """Greedy, zero-shot accuracy on math benchmarks (shards across ranks under torchrun)."""
     from .distributed import Distributed
     from .evaluate import evaluate
 
+    chat = None
+    if config is not None:
+        from axolotl.cli.config import load_cfg
+
+        from .args import UPFTConfig
+        from .dataset import config_chat_format
+
+        cfg = load_config_single_process(load_cfg, config)
+        chat = config_chat_format(cfg)
+        model_path = model_path or cfg.base_model
+        system_prompt = system_prompt if system_prompt is not None else UPFTConfig.from_cfg(cfg).system_prompt
+    if model_path is None:
+        raise click.UsageError("give --model (or --config, whose base_model is then evaluated)")
     dist = Distributed.from_env()
     try:
         for benchmark in benchmarks:
@@ -137,6 +173,7 @@ def eval_command(
                 batch_size=batch_size,
                 data_dir=data_dir,
                 distributed=dist,
+                chat=chat,
             )
             if dist.rank == 0:
                 click.echo(json.dumps(summary, indent=2))
@@ -192,11 +229,10 @@ def write_benchmark_command(names, out):
 def analyze_command(config, samples, lengths, num_questions, max_new_tokens, output):
     """Prefix coverage of self-samples (the paper's Fig. 2) and a suggested upft.prefix_length."""
     from axolotl.cli.config import load_cfg
-    from axolotl.loaders import load_tokenizer
     from datasets import load_dataset
 
     from .analyze import analyze
-    from .dataset import upft_config
+    from .dataset import config_chat_format, upft_config
     from .generation import resolve_batch_size
     from .prompts import question_text
 
@@ -232,7 +268,7 @@ def analyze_command(config, samples, lengths, num_questions, max_new_tokens, out
             system_prompt=upft.system_prompt,
             batch_size=resolve_batch_size(upft.sampling.batch_size, "hf"),
             output_dir=out,
-            tokenizer=load_tokenizer(cfg),
+            chat=config_chat_format(cfg),
         )
     except ValueError as err:
         raise click.UsageError(str(err)) from None
