@@ -7,6 +7,7 @@ from collections import Counter
 from axolotl.integrations.base import PluginManager
 from axolotl.prompt_tokenizers import DatasetWrappingStrategy
 from datasets import Dataset, DatasetInfo
+from pydantic import BaseModel
 
 from .args import ARGS_PATH, AXOLOTL_SEQUENCE_LEN, UPFTConfig, first_upft_dataset
 from .cache import Record, SampleCache
@@ -44,7 +45,7 @@ def chat_format(tokenizer, cfg, ds_cfg=None) -> ChatFormat:
     from axolotl.utils.chat_templates import extract_chat_template_args, get_chat_template_from_config
 
     check_tokenizer(tokenizer)
-    ds_cfg = ds_cfg.model_dump() if hasattr(ds_cfg, "model_dump") else ds_cfg
+    ds_cfg = ds_cfg.model_dump() if isinstance(ds_cfg, BaseModel) else ds_cfg
     choice, _ = extract_chat_template_args(cfg, ds_cfg)
     return ChatFormat(
         tokenizer,
