@@ -180,8 +180,6 @@ def analyze(
         from transformers import AutoTokenizer
 
         chat = ChatFormat.own(AutoTokenizer.from_pretrained(model_path))
-    chat.check(system_prompt)
-    tokenizer = chat.tokenizer
     sampling = SamplingConfig(
         temperature=temperature, top_p=top_p, top_k=top_k, max_new_tokens=max_new_tokens
     )
@@ -191,7 +189,7 @@ def analyze(
     correct = None
     if golds is not None:
         correct = [
-            [is_correct(tokenizer, ids, gold) for ids in runs] for runs, gold in zip(trajectories, golds)
+            [is_correct(chat.tokenizer, ids, gold) for ids in runs] for runs, gold in zip(trajectories, golds)
         ]
     result = {
         "model": model_path,
@@ -246,6 +244,7 @@ def sample(
     """``samples`` trajectories (generated ids) per question; request q * samples + j is draw j of question q.
     The draws are kept under ``out``/parts, so a killed analysis resumes."""
     tokenizer = chat.tokenizer
+    chat.check(system_prompt)
     prompts = [chat.prompt_ids(text, system_prompt) for text in texts]
     requests = [
         Prompt(q * samples + j, prompt, KIND) for q, prompt in enumerate(prompts) for j in range(samples)

@@ -55,11 +55,9 @@ def evaluate(
     distributed: Distributed | None = None,
     chat: ChatFormat | None = None,
 ) -> dict:
-    """Greedy accuracy of ``model_path`` (+ ``adapter``) on a benchmark name or .jsonl file; the summary.
-    ``chat``: the training config's prompt format (`config_chat_format`); None takes the tokenizer's own."""
+    """Greedy accuracy of ``model_path`` (+ ``adapter``) on a benchmark; chat=None: the tokenizer's own."""
     _check_args(limit=limit, max_new_tokens=max_new_tokens, batch_size=batch_size)
-    if adapter:
-        check_adapter(adapter)
+    check_adapter(adapter)
     dist = distributed or Distributed()
     path, name, out = output_paths(benchmark, data_dir, output_dir)
     arm = out / arm_name(model_path, adapter)
@@ -110,9 +108,11 @@ def eval_requests(chat: ChatFormat, texts: list[str], system_prompt: str | None)
     return [Prompt(i, chat.prompt_ids(text, system_prompt), KIND) for i, text in enumerate(texts)]
 
 
-def check_adapter(adapter: str | Path) -> None:
+def check_adapter(adapter: str | Path | None) -> None:
     """Refuse an adapter folder without LoRA weights, before anything is loaded: PEFT only warns, and the
     base model's accuracy would be reported as the adapter's."""
+    if adapter is None:
+        return
     folder = Path(adapter)
     files = weight_files(folder)
     if not (folder / "adapter_config.json").exists() or not files:
