@@ -22,14 +22,7 @@ from .distributed import Distributed
 from .generation import call_sizes, load_sampler, resolve_backend
 from .grading import gold_answer, is_correct
 from .loop import Prompt, generate_all, longest
-from .prompts import (
-    QUESTION_FIELDS,
-    chat_messages,
-    check_tokenizer,
-    pad_token_id,
-    question_text,
-    render_prompt_ids,
-)
+from .prompts import QUESTION_FIELDS, ChatFormat, pad_token_id, question_text
 from .selfsample import (
     engine_key,
     model_fingerprint,
@@ -171,36 +164,36 @@ def analyze(
     batch_size: int = 32,
     threshold: float = 0.5,
     answer_field: str = "answer",
-    tokenizer=None,
+    chat: ChatFormat | None = None,
     backend: str = "auto",
 ) -> dict:
     """Sample ``samples`` solutions per question, tabulate prefix coverage (and accuracy when every row has
     ``answer_field``), write analysis.json and analysis.png to ``output_dir``, and suggest k.
 
     ``top_p``/``top_k`` of None take the model's generation config, as the UPFT sampler does.
-    ``tokenizer`` defaults to the model's own; pass Axolotl's to use a configured chat template.
+    ``chat`` defaults to the model's own tokenizer and template; pass the training config's
+    (`config_chat_format`) to sample with the prompts the rows are built from.
     ``backend`` is upft.sampling.backend's (auto: vLLM where installed).
     """
     lengths = _check_args(samples, lengths, max_new_tokens, temperature, threshold, batch_size, questions)
     started = time.perf_counter()
     texts = [question_text(row, i) for i, row in enumerate(questions)]
     golds = gold_answers(questions, answer_field)
-    if tokenizer is None:
+    if chat is None:
         from transformers import AutoTokenizer
 
-        tokenizer = AutoTokenizer.from_pretrained(model_path)
-    check_tokenizer(tokenizer)
+        chat = ChatFormat.own(AutoTokenizer.from_pretrained(model_path))
     sampling = SamplingConfig(
         temperature=temperature, top_p=top_p, top_k=top_k, max_new_tokens=max_new_tokens, backend=backend
     )
     settings = sampling_settings(sampling, read_generation_config(model_path))
     settings |= {"seed": seed, "batch_size": batch_size}
     out = Path(output_dir)
-    trajectories = sample(model_path, tokenizer, texts, samples, settings, system_prompt, out, sampling)
+    trajectories = sample(model_path, chat, texts, samples, settings, system_prompt, out, sampling)
     correct = None
     if golds is not None:
         correct = [
-            [is_correct(tokenizer, ids, gold) for ids in runs] for runs, gold in zip(trajectories, golds)
+            [is_correct(chat.tokenizer, ids, gold) for ids in runs] for runs, gold in zip(trajectories, golds)
         ]
     result = {
         "model": model_path,
@@ -249,19 +242,21 @@ def tabulate(trajectories, correct: list[list[bool]] | None, lengths: list[int],
 
 
 def sample(
-    model_path, tokenizer, texts, samples, settings, system_prompt, out: Path, sampling: SamplingConfig
+    model_path, chat: ChatFormat, texts, samples, settings, system_prompt, out: Path, sampling: SamplingConfig
 ) -> list[list[list[int]]]:
     """``samples`` trajectories (generated ids) per question; request q * samples + j is draw j of question q.
     The draws are kept under ``out``/parts, so a killed analysis resumes."""
-    prompts = [render_prompt_ids(tokenizer, chat_messages(text, system_prompt)) for text in texts]
+    tokenizer = chat.tokenizer
+    chat.check(system_prompt)
+    prompts = [chat.prompt_ids(text, system_prompt) for text in texts]
     requests = [
         Prompt(q * samples + j, prompt, KIND) for q, prompt in enumerate(prompts) for j in range(samples)
     ]
-    stops = stop_ids(tokenizer, read_generation_config(model_path))
+    stops = stop_ids(tokenizer, read_generation_config(model_path), chat.end_ids)
     meta = {
         "task": "analyze",
         "model": model_fingerprint(model_path),
-        "tokenizer": [tokenizer.name_or_path, len(tokenizer), tokenizer.eos_token_id],
+        "chat": chat.key(),
         "sampling": settings,
         "stop_ids": sorted(stops),
         "requests": digest([ids_digest(r.prompt_ids) for r in requests]),

@@ -10,6 +10,7 @@ ARGS_PATH = (
 )
 DEFAULT_PREPARED_PATH = "last_run_prepared"  # Axolotl's default dataset_prepared_path
 AXOLOTL_SEQUENCE_LEN = 512  # Axolotl's default sequence_len (its config always carries one)
+UPFT_TYPES = ("upft", "axolotl_upft.dataset")  # the dataset `type:` spellings of this plugin
 REFERENCE_INSTRUCTION = (
     "Please provide the initial step towards resolving the question. "
     "This step may serve as a foundation but might not encompass the entire solution."
@@ -92,7 +93,11 @@ class UPFTConfig(BaseModel):
         description="Joined to the question of prefix samples after one space (as the reference); "
         "null or '' for none.",
     )
-    prefix_eos: bool = Field(True, description="End prefix samples with EOS, inside the loss.")
+    prefix_eos: bool = Field(
+        True,
+        description="End prefix samples with the token that ends an assistant turn (the reference's EOS), "
+        "inside the loss.",
+    )
     question_field: str | None = Field(
         None,
         description="Column holding the question; null auto-detects question, problem, prompt, "
@@ -167,3 +172,8 @@ class UPFTArgs(BaseModel):
     """Axolotl input args added by the plugin."""
 
     upft: UPFTConfig | None = Field(None, description="Unsupervised Prefix Fine-Tuning settings.")
+
+
+def first_upft_dataset(cfg) -> dict | None:
+    """The first `type: upft` entry of a config's `datasets:`, or None."""
+    return next((d for d in cfg.get("datasets") or [] if d.get("type") in UPFT_TYPES), None)

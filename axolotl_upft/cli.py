@@ -6,7 +6,7 @@ from pathlib import Path
 
 import click
 
-UPFT_TYPES = ("upft", "axolotl_upft.dataset")
+from .args import UPFT_TYPES
 
 
 @click.group()
@@ -87,7 +87,17 @@ main.add_command(sample_command, name="sample")
 
 @click.command("upft-eval")
 @click.option(
-    "--model", "model_path", required=True, help="Model folder or hub name (the base when --adapter is set)."
+    "--model",
+    "model_path",
+    default=None,
+    help="Model folder or hub name (the base when --adapter is set); default: --config's base_model.",
+)
+@click.option(
+    "--config",
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    default=None,
+    help="Training config: prompts use its chat template, chat_template_kwargs, eot_tokens and "
+    "upft.system_prompt, as its rows did. Default: the tokenizer's own template.",
 )
 @click.option(
     "--adapter",
@@ -107,7 +117,11 @@ main.add_command(sample_command, name="sample")
 @click.option(
     "--output", type=click.Path(file_okay=False, path_type=Path), default=Path("eval"), show_default=True
 )
-@click.option("--system-prompt", default=None, help="System turn; default: the chat template's own.")
+@click.option(
+    "--system-prompt",
+    default=None,
+    help="System turn; default: --config's upft.system_prompt, else the chat template's own.",
+)
 @click.option("--max-new-tokens", type=click.IntRange(min=1), default=1024, show_default=True)
 @click.option(
     "--batch-size",
@@ -118,9 +132,8 @@ main.add_command(sample_command, name="sample")
 @click.option(
     "--backend",
     type=click.Choice(["auto", "hf", "vllm"]),
-    default="auto",
-    show_default=True,
-    help="As upft.sampling.backend: auto is vLLM where installed, else the hf loop.",
+    default=None,
+    help="As upft.sampling.backend (default: --config's, else auto: vLLM where installed, else the hf loop).",
 )
 @click.option(
     "--data-dir",
@@ -130,6 +143,7 @@ main.add_command(sample_command, name="sample")
 )
 def eval_command(
     model_path,
+    config,
     adapter,
     benchmarks,
     limit,
@@ -144,7 +158,22 @@ def eval_command(
     from .distributed import Distributed, ddp_timeout
     from .evaluate import evaluate
 
-    dist = Distributed.from_env(ddp_timeout())
+    chat, cfg = None, {}
+    if config is not None:
+        from axolotl.cli.config import load_cfg
+
+        from .args import UPFTConfig
+        from .dataset import config_chat_format
+
+        cfg = load_config_single_process(load_cfg, config)
+        chat = config_chat_format(cfg)
+        upft = UPFTConfig.from_cfg(cfg)
+        model_path = model_path or cfg.base_model
+        system_prompt = system_prompt if system_prompt is not None else upft.system_prompt
+        backend = backend or upft.sampling.backend
+    if model_path is None:
+        raise click.UsageError("give --model (or --config, whose base_model is then evaluated)")
+    dist = Distributed.from_env(ddp_timeout(cfg))
     try:
         for benchmark in benchmarks:
             summary = evaluate(
@@ -158,7 +187,8 @@ def eval_command(
                 batch_size=batch_size,
                 data_dir=data_dir,
                 distributed=dist,
-                backend=backend,
+                chat=chat,
+                backend=backend or "auto",
             )
             if dist.rank == 0:
                 click.echo(json.dumps(summary, indent=2))
@@ -214,11 +244,10 @@ def write_benchmark_command(names, out):
 def analyze_command(config, samples, lengths, num_questions, max_new_tokens, output):
     """Prefix coverage of self-samples (the paper's Fig. 2) and a suggested upft.prefix_length."""
     from axolotl.cli.config import load_cfg
-    from axolotl.loaders import load_tokenizer
     from datasets import load_dataset
 
     from .analyze import analyze
-    from .dataset import upft_config
+    from .dataset import config_chat_format, upft_config
     from .generation import resolve_backend, resolve_batch_size
     from .prompts import question_text
 
@@ -254,7 +283,7 @@ def analyze_command(config, samples, lengths, num_questions, max_new_tokens, out
             system_prompt=upft.system_prompt,
             batch_size=resolve_batch_size(upft.sampling.batch_size, resolve_backend(upft.sampling.backend)),
             output_dir=out,
-            tokenizer=load_tokenizer(cfg),
+            chat=config_chat_format(cfg),
             backend=upft.sampling.backend,
         )
     except ValueError as err:

@@ -7,12 +7,13 @@ from collections import Counter
 from axolotl.integrations.base import PluginManager
 from axolotl.prompt_tokenizers import DatasetWrappingStrategy
 from datasets import Dataset, DatasetInfo
+from pydantic import BaseModel
 
-from .args import ARGS_PATH, AXOLOTL_SEQUENCE_LEN, UPFTConfig
+from .args import ARGS_PATH, AXOLOTL_SEQUENCE_LEN, UPFTConfig, first_upft_dataset
 from .cache import Record, SampleCache
 from .distributed import Distributed
 from .grading import is_correct
-from .prompts import chat_messages, pad_token_id, render_prompt_ids
+from .prompts import ChatFormat, check_tokenizer, pad_token_id
 from .rows import FULL, Row, full_row, prefix_row
 from .selfsample import Question, open_cache, prepare_questions, sample_questions
 
@@ -38,8 +39,33 @@ def group_by_row(questions: list[Question]) -> dict[int, list[Question]]:
     return groups
 
 
+def chat_format(tokenizer, cfg, ds_cfg=None) -> ChatFormat:
+    """The prompt format of Axolotl's `type: chat_template` for this config: the template it picks (the
+    dataset's `chat_template`, the config's, or the tokenizer's own), `chat_template_kwargs`, `eot_tokens`."""
+    from axolotl.utils.chat_templates import extract_chat_template_args, get_chat_template_from_config
+
+    check_tokenizer(tokenizer)
+    ds_cfg = ds_cfg.model_dump() if isinstance(ds_cfg, BaseModel) else ds_cfg
+    choice, _ = extract_chat_template_args(cfg, ds_cfg)
+    return ChatFormat(
+        tokenizer,
+        get_chat_template_from_config(cfg, ds_cfg, tokenizer),
+        f"chat_template: {choice}",
+        dict(cfg.get("chat_template_kwargs") or {}),
+        tuple(cfg.get("eot_tokens") or ()),
+    )
+
+
+def config_chat_format(cfg) -> ChatFormat:
+    """A training config's chat format, for `eval --config`, `analyze` and `eval_after_train`: the tokenizer
+    Axolotl builds from it and its first `type: upft` dataset's template keys."""
+    from axolotl.loaders import load_tokenizer
+
+    return chat_format(load_tokenizer(cfg), cfg, first_upft_dataset(cfg))
+
+
 def training_prompts(
-    groups: dict[int, list[Question]], tokenizer, upft: UPFTConfig, sequence_len: int
+    groups: dict[int, list[Question]], chat: ChatFormat, upft: UPFTConfig, sequence_len: int
 ) -> dict:
     """Prompt ids each row trains on (prefix rows carry the instruction), checked before any sampling."""
     instruction = upft.prefix_instruction or None
@@ -48,7 +74,7 @@ def training_prompts(
         prompts[row] = (
             q.prompt_ids
             if q.target == FULL or not instruction
-            else render_prompt_ids(tokenizer, chat_messages(q.text, upft.system_prompt, instruction))
+            else chat.prompt_ids(q.text, upft.system_prompt, instruction)
         )
         if len(prompts[row]) >= sequence_len:
             raise ValueError(
@@ -71,13 +97,14 @@ def choose_sample(tasks: list[Question], records: dict[int, Record], tokenizer) 
 
 
 class UPFTDatasetStrategy(DatasetWrappingStrategy):
-    def __init__(self, tokenizer, cfg):
+    def __init__(self, tokenizer, cfg, ds_cfg=None):
         self.tokenizer = tokenizer
         self.cfg = cfg
+        self.ds_cfg = ds_cfg
         self.upft = upft_config(cfg)
 
     def wrap_dataset(self, dataset, process_count=None, keep_in_memory=False, **kwargs) -> Dataset:
-        rows, cache = sample_and_build(dataset, self.tokenizer, self.cfg, self.upft)
+        rows, cache = sample_and_build(dataset, self.tokenizer, self.cfg, self.upft, self.ds_cfg)
         columns = {
             "input_ids": [r.input_ids for r in rows],
             "attention_mask": [[1] * len(r.input_ids) for r in rows],
@@ -89,21 +116,22 @@ class UPFTDatasetStrategy(DatasetWrappingStrategy):
         )
 
 
-def build_rows(dataset, tokenizer, cfg, upft: UPFTConfig) -> list[Row]:
+def build_rows(dataset, tokenizer, cfg, upft: UPFTConfig, ds_cfg=None) -> list[Row]:
     """UPFT rows of the dataset's questions, sampling what the cache lacks."""
-    return sample_and_build(dataset, tokenizer, cfg, upft)[0]
+    return sample_and_build(dataset, tokenizer, cfg, upft, ds_cfg)[0]
 
 
-def sample_and_build(dataset, tokenizer, cfg, upft: UPFTConfig) -> tuple[list[Row], SampleCache]:
+def sample_and_build(dataset, tokenizer, cfg, upft: UPFTConfig, ds_cfg=None) -> tuple[list[Row], SampleCache]:
     """Every check first, then sampling (into the cache), then one row per question."""
     from .generation import load_sampler
 
     sequence_len = cfg.get("sequence_len") or AXOLOTL_SEQUENCE_LEN
-    questions = prepare_questions(dataset, tokenizer, upft)
+    chat = chat_format(tokenizer, cfg, ds_cfg)
+    questions = prepare_questions(dataset, chat, upft)
     groups = group_by_row(questions)
-    prompts = training_prompts(groups, tokenizer, upft, sequence_len)
+    prompts = training_prompts(groups, chat, upft, sequence_len)
     cache, settings, stops = open_cache(
-        str(upft.sample_cache_root(cfg)), cfg.base_model, tokenizer, upft, questions
+        str(upft.sample_cache_root(cfg)), cfg.base_model, chat, upft, questions
     )
     records = sample_questions(
         questions,
@@ -123,14 +151,18 @@ def sample_and_build(dataset, tokenizer, cfg, upft: UPFTConfig) -> tuple[list[Ro
             counts["unsolved"] += 1
             continue
         counts["unfinished"] += tasks[0].target == FULL and not record.stopped
-        row = make_row(tasks[0].target, prompts[index], record, tokenizer, stops, upft, cfg)
+        row = make_row(tasks[0].target, prompts[index], record, chat, stops, upft, cfg)
         counts["cut"] += len(row.input_ids) > sequence_len
         rows.append(Row(row.input_ids[:sequence_len], row.labels[:sequence_len], row.kind))
     report_rows(rows, counts, upft, len(groups), sequence_len, cache)
     return rows, cache
 
 
-def make_row(target: str, prompt: list[int], record: Record, tokenizer, stops, upft: UPFTConfig, cfg) -> Row:
+def make_row(
+    target: str, prompt: list[int], record: Record, chat: ChatFormat, stops, upft: UPFTConfig, cfg
+) -> Row:
+    """A prefix row ends with the token that ends an assistant turn (`ChatFormat.turn_end_id`), the
+    reference's EOS for the paper's models."""
     train_on_inputs = bool(cfg.get("train_on_inputs"))
     if target == FULL:
         return full_row(prompt, record.ids, stop_ids=stops, train_on_inputs=train_on_inputs)
@@ -139,7 +171,7 @@ def make_row(target: str, prompt: list[int], record: Record, tokenizer, stops, u
         record.ids,
         prefix_length=upft.prefix_length,
         stop_ids=stops,
-        eos_token_id=tokenizer.eos_token_id if upft.prefix_eos else None,
+        eos_token_id=chat.turn_end_id if upft.prefix_eos else None,
         train_on_inputs=train_on_inputs,
     )
 
@@ -189,4 +221,4 @@ def report_rows(
 
 
 def load(tokenizer, cfg, ds_cfg=None, processor=None):
-    return UPFTDatasetStrategy(tokenizer, cfg)
+    return UPFTDatasetStrategy(tokenizer, cfg, ds_cfg)

@@ -21,7 +21,7 @@ from pathlib import Path
 
 from . import benchmarks
 from .args import SamplingConfig
-from .cache import Record, SampleCache, atomic_write_text, digest
+from .cache import Record, SampleCache, atomic_write_text, digest, weight_files
 from .distributed import Distributed
 from .generation import (
     HFSampler,
@@ -41,7 +41,7 @@ from .grading import (
     is_equivalent,
 )
 from .loop import Prompt, generate_all, longest
-from .prompts import chat_messages, check_tokenizer, pad_token_id, question_text, render_prompt_ids
+from .prompts import ChatFormat, pad_token_id, question_text
 from .selfsample import engine_key, model_fingerprint, read_generation_config, stop_ids
 
 LOG = logging.getLogger(__name__)
@@ -65,12 +65,13 @@ def evaluate(
     answer_field: str = "answer",
     data_dir: str | Path | None = None,
     distributed: Distributed | None = None,
+    chat: ChatFormat | None = None,
     backend: str = "auto",
 ) -> dict:
-    """Greedy accuracy of ``model_path`` (+ ``adapter``) on a benchmark name or .jsonl file; the summary.
-    ``backend`` as upft.sampling.backend (auto: vLLM where installed); ``batch_size`` None: 16 rows at a
-    time for hf, vLLM's sampling part size for vllm."""
+    """Greedy accuracy of ``model_path`` (+ ``adapter``) on a benchmark; chat=None: the tokenizer's own.
+    ``backend`` as upft.sampling.backend; ``batch_size`` None: 16 rows at a time (hf), vLLM's part size."""
     _check_args(limit=limit, max_new_tokens=max_new_tokens, batch_size=batch_size)
+    check_adapter(adapter)
     dist = distributed or Distributed()
     backend = resolve_backend(backend)
     batch_size = batch_size or (HF_EVAL_BATCH if backend == "hf" else resolve_batch_size(None, backend))
@@ -79,17 +80,15 @@ def evaluate(
     check_not_benchmark(arm / f"{name}.jsonl", path)
     rows = read_rows(path, limit)
     texts = [question_text(row, i) for i, row in enumerate(rows)]
-    tokenizer = load_tokenizer(model_path, adapter)
-    requests = [
-        Prompt(i, render_prompt_ids(tokenizer, chat_messages(text, system_prompt)), KIND)
-        for i, text in enumerate(texts)
-    ]
-    stops = stop_ids(tokenizer, read_generation_config(model_path))
+    chat = chat or ChatFormat.own(load_tokenizer(model_path, adapter))
+    tokenizer = chat.tokenizer
+    requests = eval_requests(chat, texts, system_prompt)
+    stops = stop_ids(tokenizer, read_generation_config(model_path), chat.end_ids)
     cache = eval_cache(
         out / "parts" / name,
         model_path,
         adapter,
-        tokenizer,
+        chat,
         path,
         settings={
             "system_prompt": system_prompt,
@@ -130,6 +129,56 @@ def evaluate(
     return json.loads((arm / f"{name}.summary.json").read_text())
 
 
+def eval_requests(chat: ChatFormat, texts: list[str], system_prompt: str | None) -> list[Prompt]:
+    """One greedy request per question, rendered as the training rows' full-trace prompts are."""
+    chat.check(system_prompt, key="--system-prompt / upft.system_prompt")
+    return [Prompt(i, chat.prompt_ids(text, system_prompt), KIND) for i, text in enumerate(texts)]
+
+
+def check_adapter(adapter: str | Path | None) -> None:
+    """Refuse an adapter folder without LoRA weights, before anything is loaded: PEFT only warns, and the
+    base model's accuracy would be reported as the adapter's."""
+    if adapter is None:
+        return
+    folder = Path(adapter)
+    files = weight_files(folder)
+    if not (folder / "adapter_config.json").exists() or not files:
+        raise ValueError(
+            f"adapter {folder}: no adapter_config.json and adapter_model.safetensors (or .bin) there. "
+            "Point --adapter at the folder a LoRA run saved (its output_dir)."
+        )
+    sizes = tensor_sizes(files)
+    empty = sorted(name for name, size in sizes.items() if size == 0)
+    if not sizes or empty:
+        found = "no tensors" if not sizes else f"{len(empty)} empty tensors of {len(sizes)} (e.g. {empty[0]})"
+        raise ValueError(
+            f"adapter {folder}: {', '.join(p.name for p in files)} holds {found}: the LoRA weights were not "
+            "saved, and evaluating it would report the base model's accuracy. A LoRA saved under DeepSpeed "
+            "ZeRO-3 without gathering looks like this: set `stage3_gather_16bit_weights_on_model_save: true` "
+            "in the DeepSpeed JSON and train (or save) again."
+        )
+
+
+def tensor_sizes(files: list[Path]) -> dict[str, int]:
+    """Element count of every tensor in weight files, read from the safetensors header where possible."""
+    from math import prod
+
+    sizes = {}
+    for path in files:
+        if path.suffix == ".safetensors":
+            from safetensors import safe_open
+
+            with safe_open(str(path), framework="pt") as handle:
+                sizes |= {k: prod(handle.get_slice(k).get_shape()) for k in handle.keys()}  # noqa: SIM118 (not a dict)
+        else:
+            import torch
+
+            sizes |= {
+                k: v.numel() for k, v in torch.load(path, map_location="cpu", weights_only=True).items()
+            }
+    return sizes
+
+
 def grade_rows(tokenizer, name: str, rows: list[dict], answer_field: str, texts, records) -> list[dict]:
     """Graded rows in question order; a built-in benchmark is judged by its own checker."""
     golds = [gold_answer(row, name, answer_field) for row in rows]
@@ -165,13 +214,15 @@ def arm_name(model_path: str, adapter: str | None) -> str:
     return f"{slug}-{digest([str(model_path), str(adapter) if adapter else None])[:8]}"
 
 
-def eval_cache(root: Path, model_path, adapter, tokenizer, path: Path, *, settings: dict, engine: list):
-    """The generations' cache, keyed by model, adapter, tokenizer, benchmark file, settings and engine."""
+def eval_cache(
+    root: Path, model_path, adapter, chat: ChatFormat, path: Path, *, settings: dict, engine: list
+):
+    """The generations' cache, keyed by model, adapter, prompt format, benchmark file, settings and engine."""
     meta = {
         "task": "eval",
         "model": model_fingerprint(model_path),
         "adapter": model_fingerprint(adapter) if adapter else None,
-        "tokenizer": [tokenizer.name_or_path, len(tokenizer), digest(tokenizer.chat_template)],
+        "chat": chat.key(),
         "benchmark": file_digest(path),
         **settings,
         "engine": engine,
@@ -219,9 +270,7 @@ def load_tokenizer(model_path: str, adapter: str | None):
     from transformers import AutoTokenizer
 
     source = adapter if adapter and (Path(adapter) / "tokenizer_config.json").exists() else model_path
-    tokenizer = AutoTokenizer.from_pretrained(source)
-    check_tokenizer(tokenizer)
-    return tokenizer
+    return AutoTokenizer.from_pretrained(source)
 
 
 def load_eval_sampler(model_path: str, adapter: str | None, backend: str, batch_size: int, max_model_len):

@@ -73,8 +73,10 @@ class UPFTPlugin(BasePlugin):
         saved = weight_files(out)
         if not upft.eval_after_train or not any(p.stat().st_mtime >= self._started for p in saved):
             return
+        from .dataset import config_chat_format
         from .evaluate import evaluate
 
+        chat = config_chat_format(cfg)  # the prompts this run trained on
         adapter = str(out) if cfg.adapter else None
         model_path = cfg.base_model if adapter else str(out)
         for benchmark in upft.eval_after_train:
@@ -85,6 +87,7 @@ class UPFTPlugin(BasePlugin):
                 output_dir=out / "eval",
                 system_prompt=upft.system_prompt,
                 max_new_tokens=upft.sampling.max_new_tokens,
+                chat=chat,
                 backend=upft.sampling.backend,
             )
             LOG.info("UPFT eval %s: %.1f%% of %d", benchmark, summary["accuracy"], summary["n"])

@@ -1,5 +1,7 @@
 """Pure prompt handling: find the question in a row and render chat prompts to token ids."""
 
+from dataclasses import dataclass, field
+from functools import cached_property
 from typing import Any
 
 QUESTION_FIELDS = ("question", "problem", "prompt", "instruction")
@@ -60,10 +62,162 @@ def chat_messages(question: str, system_prompt: str | None, instruction: str | N
     return system + [{"role": "user", "content": user}]
 
 
-def render_prompt_ids(tokenizer, messages: list[dict]) -> list[int]:
-    """Chat template with the generation prompt, tokenized once without extra special tokens."""
-    text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-    return list(tokenizer(text, add_special_tokens=False)["input_ids"])
+def render_prompt_ids(tokenizer, messages: list[dict], chat_template: str | None = None, **template_kwargs):
+    """The prompt ids of chat turns, with the generation prompt: the very call Axolotl's `type: chat_template`
+    makes (`ChatTemplatePrompter.build_prompt`), so the special tokens come from the template alone."""
+    ids = tokenizer.apply_chat_template(
+        messages,
+        tokenize=True,
+        return_dict=False,
+        chat_template=chat_template,
+        add_generation_prompt=True,
+        **template_kwargs,
+    )
+    return list(ids)
+
+
+PROBE_QUESTION = "What is 2 + 3?"
+PROBE_ANSWER = "UPFTPROBEANSWER"
+PROBE_SYSTEM = "UPFTPROBESYSTEM"
+
+
+@dataclass(frozen=True)
+class ChatFormat:
+    """How every UPFT prompt is rendered (sampling, rows, eval, analyze): the tokenizer Axolotl built from the
+    config, the chat template Axolotl's `type: chat_template` picks, the config's `chat_template_kwargs`
+    (e.g. `enable_thinking: false`) and `eot_tokens`. `name` says where the template came from, for errors."""
+
+    tokenizer: Any
+    template: str
+    name: str
+    kwargs: dict = field(default_factory=dict)
+    eot_tokens: tuple[str, ...] = ()
+
+    @classmethod
+    def own(cls, tokenizer) -> "ChatFormat":
+        """The tokenizer's own chat template, no keyword arguments (eval without a training config)."""
+        check_tokenizer(tokenizer)
+        return cls(tokenizer, tokenizer.chat_template, f"the chat template of {tokenizer.name_or_path!r}")
+
+    def render(self, messages: list[dict], **extra) -> list[int]:
+        return render_prompt_ids(self.tokenizer, messages, self.template, **self.kwargs, **extra)
+
+    def prompt_ids(
+        self, question: str, system_prompt: str | None, instruction: str | None = None
+    ) -> list[int]:
+        from jinja2 import TemplateError
+
+        try:
+            return self.render(chat_messages(question, system_prompt, instruction))
+        except TemplateError as err:
+            raise ValueError(
+                f"{self.name} cannot render the prompt of question {question[:80]!r}: {err}. "
+                "Choose another `chat_template` or fix the question."
+            ) from None
+
+    def key(self) -> dict:
+        """What changes the rendered prompt and its end, for cache keys."""
+        from .cache import digest
+
+        tok = self.tokenizer
+        return {
+            "tokenizer": [tok.name_or_path, len(tok), tok.eos_token_id, tok.bos_token_id],
+            "template": digest(self.template),
+            "kwargs": self.kwargs,
+            "end_ids": sorted(self.end_ids),
+        }
+
+    @cached_property
+    def eot_ids(self) -> frozenset[int]:
+        """The ids of `eot_tokens`, each a single token, as Axolotl's `type: chat_template` requires."""
+        ids = set()
+        for token in self.eot_tokens:
+            encoded = self.tokenizer.encode(token, add_special_tokens=False)
+            if len(encoded) != 1:
+                raise ValueError(
+                    f"eot_tokens: {token!r} is {len(encoded)} tokens ({encoded}) for this tokenizer, not "
+                    "one. List the template's end-of-turn special token, or add it with `special_tokens`."
+                )
+            ids.add(encoded[0])
+        return frozenset(ids)
+
+    @cached_property
+    def turn_end_id(self) -> int:
+        """The token that ends an assistant turn: the first token the template writes after an assistant
+        message, when that is a special token or one of `eot_tokens`; else EOS. For the paper's models
+        (Qwen2.5-Math-Instruct, Llama-3.1-Instruct, R1-Distill) this is their EOS, which the reference
+        appends; for Gemma it is `<end_of_turn>` (EOS `<eos>`), for a base model under chatml `<|im_end|>`."""
+        from jinja2 import TemplateError
+
+        tok = self.tokenizer
+        messages = [
+            {"role": "user", "content": PROBE_QUESTION},
+            {"role": "assistant", "content": PROBE_ANSWER},
+        ]
+        try:
+            text = self.text(messages, add_generation_prompt=False)
+        except TemplateError:
+            return tok.eos_token_id
+        if PROBE_ANSWER not in text:
+            return tok.eos_token_id
+        after = tok(text[text.rindex(PROBE_ANSWER) + len(PROBE_ANSWER) :], add_special_tokens=False)[
+            "input_ids"
+        ]
+        special = set(tok.all_special_ids) | set(tok.added_tokens_decoder) | self.eot_ids
+        return after[0] if after and after[0] in special else tok.eos_token_id
+
+    @property
+    def end_ids(self) -> frozenset[int]:
+        """Ids that end a generated turn, beside the tokenizer's and the model's EOS."""
+        return self.eot_ids | {self.turn_end_id}
+
+    def check(self, system_prompt: str | None, key: str = "upft.system_prompt") -> None:
+        """Before any sampling: the system prompt has a place in the template, and the prompt does not
+        change with the date. `key` names the setting that holds the system prompt."""
+        from jinja2 import TemplateError
+
+        if system_prompt:
+            try:
+                text = self.text(chat_messages(PROBE_QUESTION, PROBE_SYSTEM))
+            except TemplateError as err:
+                text, reason = "", f"it fails with a system turn ({err})"
+            else:
+                reason = "it drops the system turn"
+            if PROBE_SYSTEM not in text:
+                raise ValueError(
+                    f"{key} is set, but {self.name} has no system role: {reason}. Remove {key}, put the "
+                    "text into the question (upft.question_template), or use a template with a system turn "
+                    "(gemma3 folds it into the first user turn)."
+                )
+        dated = {self._render_on(day, system_prompt) for day in ("2024-01-01", "2031-12-31")}
+        if len(dated) > 1:
+            raise ValueError(
+                f"{self.name} writes today's date into the prompt (strftime_now), so the prompt changes by "
+                "day: samples cached today are not reused tomorrow, and eval sees other prompts than "
+                f"training did. Pin it: set {key} if the template dates only its default system message "
+                "(as mistral_v7_tekken does), or use `chat_template: jinja` with `chat_template_jinja` "
+                "holding the template with a fixed date."
+            )
+
+    def text(self, messages: list[dict], add_generation_prompt: bool = True, **extra) -> str:
+        """The rendered chat as text (for checks; prompts themselves are always `render`ed to ids)."""
+        return self.tokenizer.apply_chat_template(
+            messages,
+            tokenize=False,
+            chat_template=self.template,
+            add_generation_prompt=add_generation_prompt,
+            **self.kwargs,
+            **extra,
+        )
+
+    def _render_on(self, day: str, system_prompt: str | None) -> str:
+        """The probe prompt as if today were `day`: a render variable hides transformers' `strftime_now`."""
+        from datetime import datetime
+
+        def strftime_now(fmt: str) -> str:
+            return datetime.fromisoformat(day).strftime(fmt)
+
+        return self.text(chat_messages(PROBE_QUESTION, system_prompt), strftime_now=strftime_now)
 
 
 def check_tokenizer(tokenizer) -> None:

@@ -10,7 +10,7 @@ from .args import SamplingConfig, UPFTConfig
 from .cache import Record, SampleCache, digest, ids_digest, weight_files
 from .distributed import Distributed
 from .loop import Generated, generate_all, longest, widths
-from .prompts import chat_messages, check_tokenizer, question_text, render_prompt_ids
+from .prompts import ChatFormat, question_text
 from .rows import FULL, PREFIX, question_kinds
 
 LOG = logging.getLogger(__name__)
@@ -30,11 +30,11 @@ class Question:
     gold: str | None = None
 
 
-def prepare_questions(rows: Iterable[dict], tokenizer, upft: UPFTConfig) -> list[Question]:
+def prepare_questions(rows: Iterable[dict], chat: ChatFormat, upft: UPFTConfig) -> list[Question]:
     """Every sampling task, rendered and split before any sampling, so bad rows fail first."""
     from .grading import gold_answer
 
-    check_tokenizer(tokenizer)
+    chat.check(upft.system_prompt)
     rows = list(rows)
     texts = [
         question_text(row, i, field=upft.question_field, template=upft.question_template)
@@ -61,16 +61,18 @@ def prepare_questions(rows: Iterable[dict], tokenizer, upft: UPFTConfig) -> list
     copies = upft.num_samples if upft.needs_gold else 1
     tasks = []
     for i, (text, target) in enumerate(zip(texts, targets)):
-        prompt = render_prompt_ids(tokenizer, chat_messages(text, upft.system_prompt))
+        prompt = chat.prompt_ids(text, upft.system_prompt)
         kind = FULL if upft.needs_gold else target
         tasks += [Question(i * copies + j, text, prompt, kind, i, target, golds[i]) for j in range(copies)]
     return tasks
 
 
-def stop_ids(tokenizer, generation_config: dict) -> frozenset[int]:
+def stop_ids(tokenizer, generation_config: dict, end_ids: Iterable[int] = ()) -> frozenset[int]:
+    """What ends a generation: EOS, the model's generation_config EOS ids and the template's end of turn
+    (`ChatFormat.end_ids`: `eot_tokens` and the token that closes an assistant turn)."""
     eos = generation_config.get("eos_token_id")
     eos = eos if isinstance(eos, list) else [eos]
-    return frozenset(i for i in [tokenizer.eos_token_id, *eos] if i is not None)
+    return frozenset(i for i in [tokenizer.eos_token_id, *eos, *end_ids] if i is not None)
 
 
 def read_generation_config(base_model: str) -> dict:
@@ -137,15 +139,15 @@ def sampling_settings(s: SamplingConfig, generation_config: dict) -> dict:
 
 
 def open_cache(
-    cache_root: str, base_model: str, tokenizer, upft: UPFTConfig, questions: list[Question]
+    cache_root: str, base_model: str, chat: ChatFormat, upft: UPFTConfig, questions: list[Question]
 ) -> tuple[SampleCache, dict, frozenset[int]]:
     generation_config = read_generation_config(base_model)
     settings = sampling_settings(upft.sampling, generation_config)
-    stops = stop_ids(tokenizer, generation_config)
+    stops = stop_ids(chat.tokenizer, generation_config, chat.end_ids)
     meta = {
         "engine": engine_key(upft.sampling.backend, upft.sampling.dtype),
         "model": model_fingerprint(base_model),
-        "tokenizer": [tokenizer.name_or_path, len(tokenizer), tokenizer.eos_token_id],
+        "chat": chat.key(),
         "sampling": settings,
         "stop_ids": sorted(stops),
         "seed": upft.seed,

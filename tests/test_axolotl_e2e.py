@@ -165,3 +165,30 @@ def test_a_upft_dataset_without_the_plugin_stops_preprocess(
     done = run_axolotl("preprocess", config, timeout=300)
     assert done.returncode != 0 and message in done.stdout + done.stderr, (done.stdout + done.stderr)[-3000:]
     assert not (tmp_path / "prepared" / "upft_samples").exists(), "nothing was sampled"
+
+
+def test_chat_template_kwargs_shape_the_sampled_and_trained_prompts(
+    tmp_path, tiny_model, tiny_tokenizer, questions
+):
+    """`chat_template: qwen3` with thinking off: every prompt ends with the closed think block, as Axolotl's
+    own `type: chat_template` renders it (sampling and rows used to ignore the kwargs: thinking on)."""
+    from axolotl_upft.args import REFERENCE_INSTRUCTION
+
+    config = write_config(
+        tmp_path,
+        tiny_model,
+        questions,
+        chat_template="qwen3",
+        chat_template_kwargs={"enable_thinking": False},
+    )
+    axolotl("preprocess", config)
+    _, rows = prepared_rows(tmp_path)
+    expected = set()
+    for q in questions[:24]:
+        for user in (q["question"], q["question"] + " " + REFERENCE_INSTRUCTION):
+            text = f"<|im_start|>user\n{user}<|im_end|>\n<|im_start|>assistant\n<think>\n\n</think>\n\n"
+            expected.add(tuple(tiny_tokenizer(text, add_special_tokens=False)["input_ids"]))
+    assert len(rows) == 24
+    for row in rows:
+        start = next(i for i, label in enumerate(row["labels"]) if label != IGNORE)
+        assert tuple(row["input_ids"][:start]) in expected, tiny_tokenizer.decode(row["input_ids"][:start])

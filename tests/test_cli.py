@@ -103,6 +103,18 @@ def test_eval_usage_errors(args, message, tmp_path, tiny_model):
     usage_error(invoke("eval", "--model", tiny_model, "--output", tmp_path, *args), message)
 
 
+def test_eval_without_model_or_config_and_with_an_empty_adapter_are_usage_errors(tmp_path, tiny_model):
+    usage_error(invoke("eval", "--benchmark", "gsm8k"), "give --model (or --config")
+    adapter = tmp_path / "adapter"
+    adapter.mkdir()
+    (adapter / "adapter_config.json").write_text("{}")
+    from safetensors.torch import save_file
+
+    save_file({}, str(adapter / "adapter_model.safetensors"))
+    result = invoke("eval", "--model", tiny_model, "--adapter", adapter, "--benchmark", "gsm8k")
+    usage_error(result, "stage3_gather_16bit_weights_on_model_save")
+
+
 def test_analyze_prints_the_table_and_a_suggested_k(tmp_path, tiny_model, questions):
     config = write_config(tmp_path, tiny_model, questions)
     result = invoke(
@@ -155,3 +167,36 @@ def test_axolotl_runs_upft_sample_and_upft_eval_from_the_entry_points(tmp_path, 
     sampled = axolotl("upft-sample", config)
     assert sampled.returncode == 0, sampled.stderr[-2000:]
     assert last_json(sampled.stdout)["questions"] == 24
+
+
+def test_eval_with_the_training_config_renders_its_prompts(tmp_path, tiny_model, questions, monkeypatch):
+    from axolotl_upft import evaluate as ev
+
+    config = write_config(
+        tmp_path,
+        tiny_model,
+        questions,
+        chat_template="qwen3",
+        chat_template_kwargs={"enable_thinking": False},
+    )
+    cfg = yaml.safe_load(config.read_text())
+    cfg["upft"]["system_prompt"] = "You are a careful math tutor ."
+    config.write_text(yaml.safe_dump(cfg))
+    seen = {}
+
+    def evaluate(model_path, benchmark, **kwargs):
+        seen.update(kwargs, model_path=model_path)
+        return {"benchmark": benchmark}
+
+    monkeypatch.setattr(ev, "evaluate", evaluate)
+    result = invoke("eval", "--config", config, "--benchmark", "gsm8k", "--limit", 1)
+    assert result.exit_code == 0, result.output
+    assert seen["model_path"] == str(tiny_model), "--model defaults to the config's base_model"
+    assert seen["system_prompt"] == "You are a careful math tutor ."
+    chat = seen["chat"]
+    prompt = chat.prompt_ids("How many ?", seen["system_prompt"])
+    system = f"<|im_start|>system\n{seen['system_prompt']}<|im_end|>\n"
+    expected = (
+        system + "<|im_start|>user\nHow many ?<|im_end|>\n<|im_start|>assistant\n<think>\n\n</think>\n\n"
+    )
+    assert prompt == chat.tokenizer(expected, add_special_tokens=False)["input_ids"]

@@ -291,3 +291,62 @@ def test_a_plain_sentence_answer_counts_under_the_flexible_reading_only(model_di
     assert [(r["correct"], r["correct_flexible"]) for r in rows] == [(False, True), (False, False)]
     assert (summary["accuracy"], summary["accuracy_flexible"]) == (0.0, 50.0)
     assert (summary["no_answer"], summary["no_answer_flexible"]) == (2, 0)
+
+
+def torch_empty():
+    import torch
+
+    return torch.zeros(0, 32)
+
+
+def empty_adapter(folder, tensors):
+    """An adapter folder as a LoRA saved under ZeRO-3 without gathering leaves it: config, no weights."""
+    from safetensors.torch import save_file
+
+    folder.mkdir()
+    (folder / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "r": 4}))
+    if tensors is not None:
+        save_file(tensors, str(folder / "adapter_model.safetensors"))
+    return str(folder)
+
+
+@pytest.mark.parametrize(
+    ("tensors", "message"),
+    [
+        ({}, "adapter_model.safetensors holds no tensors"),
+        (
+            {"base_model.model.layers.0.self_attn.q_proj.lora_A.weight": torch_empty()},
+            "holds 1 empty tensors of 1",
+        ),
+        (None, "no adapter_config.json and adapter_model.safetensors"),
+    ],
+    ids=["no-tensors", "empty-tensors", "no-weights-file"],
+)
+def test_an_adapter_without_lora_weights_is_refused_before_any_model_is_loaded(tensors, message, tmp_path):
+    adapter = empty_adapter(tmp_path / "adapter", tensors)
+    with pytest.raises(ValueError, match=message) as err:
+        run("no-such-model", tmp_path / "out", adapter=adapter)
+    if tensors is not None:
+        assert "stage3_gather_16bit_weights_on_model_save: true" in str(err.value)
+    assert not (tmp_path / "out").exists(), "refused before anything was written"
+
+
+def test_eval_after_train_refuses_an_empty_adapter_instead_of_grading_the_base_model(tiny_model, tmp_path):
+    from axolotl.utils.dict import DictDefault
+
+    from axolotl_upft.plugin import UPFTPlugin
+
+    out = tmp_path / "out"
+    empty_adapter(out, {})
+    cfg = DictDefault(
+        base_model=str(tiny_model),
+        tokenizer_config=str(tiny_model),
+        adapter="lora",
+        output_dir=str(out),
+        upft={"eval_after_train": ["gsm8k"]},
+    )
+    plugin = UPFTPlugin()
+    plugin._trained = True
+    with pytest.raises(ValueError, match="stage3_gather_16bit_weights_on_model_save"):
+        plugin.post_train_unload(cfg)
+    assert not (out / "eval").exists()

@@ -199,9 +199,7 @@ def test_greedy_eval_of_an_adapter_with_vllm_equals_the_hf_loop(tmp_path, vllm_m
     assert arm_rows(tmp_path / "base") != arm_rows(tmp_path / "hf"), "the adapter was applied"
 
 
-def test_analyze_with_vllm_draws_the_hf_loops_tokens_when_top_k_is_1(
-    tmp_path, vllm_model, tiny_tokenizer, questions
-):
+def test_analyze_with_vllm_draws_the_hf_loops_tokens_when_top_k_is_1(tmp_path, vllm_model, questions):
     from axolotl_upft.analyze import analyze
 
     trajectories = {}
@@ -215,7 +213,6 @@ def test_analyze_with_vllm_draws_the_hf_loops_tokens_when_top_k_is_1(
             max_new_tokens=8,
             top_k=1,  # greedy tokens, so the two engines must agree exactly
             output_dir=out,
-            tokenizer=tiny_tokenizer,
             backend=backend,
         )
         trajectories[backend] = {i: r.ids for i, r in cached(out / "parts").items()}
