@@ -179,22 +179,17 @@ def analyze(
     started = time.perf_counter()
     texts = [question_text(row, i) for i, row in enumerate(questions)]
     golds = gold_answers(questions, answer_field)
-    if chat is None:
-        from transformers import AutoTokenizer
-
-        chat = ChatFormat.own(AutoTokenizer.from_pretrained(model_path))
+    chat = chat or model_chat_format(model_path)
     sampling = SamplingConfig(
         temperature=temperature, top_p=top_p, top_k=top_k, max_new_tokens=max_new_tokens, backend=backend
     )
-    settings = sampling_settings(sampling, read_generation_config(model_path))
-    settings |= {"seed": seed, "batch_size": batch_size}
+    settings = sampling_settings(sampling, read_generation_config(model_path)) | {
+        "seed": seed,
+        "batch_size": batch_size,
+    }
     out = Path(output_dir)
     trajectories = sample(model_path, chat, texts, samples, settings, system_prompt, out, sampling)
-    correct = None
-    if golds is not None:
-        correct = [
-            [is_correct(chat.tokenizer, ids, gold) for ids in runs] for runs, gold in zip(trajectories, golds)
-        ]
+    correct = grade(chat.tokenizer, trajectories, golds)
     result = {
         "model": model_path,
         "questions": len(questions),
@@ -209,6 +204,19 @@ def analyze(
     plot(result, out / "analysis.png")
     LOG.info("UPFT analyze: suggested prefix_length %d (%s)", result["suggested_k"], result["reason"])
     return result
+
+
+def model_chat_format(model_path: str) -> ChatFormat:
+    from transformers import AutoTokenizer
+
+    return ChatFormat.own(AutoTokenizer.from_pretrained(model_path))
+
+
+def grade(tokenizer, trajectories, golds: list[str] | None) -> list[list[bool]] | None:
+    """Whether each trajectory reaches its question's gold answer; None without gold answers."""
+    if golds is None:
+        return None
+    return [[is_correct(tokenizer, ids, gold) for ids in runs] for runs, gold in zip(trajectories, golds)]
 
 
 def gold_answers(questions: list[dict], answer_field: str) -> list[str] | None:

@@ -69,64 +69,74 @@ def evaluate(
     backend: str = "auto",
 ) -> dict:
     """Greedy accuracy of ``model_path`` (+ ``adapter``) on a benchmark; chat=None: the tokenizer's own.
-    ``backend`` as upft.sampling.backend; ``batch_size`` None: 16 rows at a time (hf), vLLM's part size."""
+    ``backend`` as upft.sampling.backend (auto: vLLM where installed)."""
     _check_args(limit=limit, max_new_tokens=max_new_tokens, batch_size=batch_size)
     check_adapter(adapter)
     dist = distributed or Distributed()
-    backend = resolve_backend(backend)
-    batch_size = batch_size or (HF_EVAL_BATCH if backend == "hf" else resolve_batch_size(None, backend))
     path, name, out = output_paths(benchmark, data_dir, output_dir)
     arm = out / arm_name(model_path, adapter)
     check_not_benchmark(arm / f"{name}.jsonl", path)
     rows = read_rows(path, limit)
     texts = [question_text(row, i) for i, row in enumerate(rows)]
     chat = chat or ChatFormat.own(load_tokenizer(model_path, adapter))
-    tokenizer = chat.tokenizer
     requests = eval_requests(chat, texts, system_prompt)
-    stops = stop_ids(tokenizer, read_generation_config(model_path), chat.end_ids)
+    stops = stop_ids(chat.tokenizer, read_generation_config(model_path), chat.end_ids)
+    backend = resolve_backend(backend)
+    settings = {"system_prompt": system_prompt, "max_new_tokens": max_new_tokens, "stop_ids": sorted(stops)}
     cache = eval_cache(
         out / "parts" / name,
         model_path,
         adapter,
         chat,
         path,
-        settings={
-            "system_prompt": system_prompt,
-            "max_new_tokens": max_new_tokens,
-            "stop_ids": sorted(stops),
-        },
+        settings=settings,
         engine=engine_key(backend, "auto"),
     )
     if dist.rank == 0:
         cache.open()
     dist.barrier()
-    limits = {KIND: max_new_tokens}
-    generated = generate_all(
-        requests,
-        cache,
-        lambda: load_eval_sampler(model_path, adapter, backend, batch_size, longest(requests, limits)),
-        sizes=call_sizes({KIND: batch_size}, backend, "dynamic"),
-        limits=limits,
-        options=GREEDY | {"stop_ids": stops, "pad_id": pad_token_id(tokenizer)},
-        seed=0,
-        dist=dist,
-        desc=f"eval {name}",
+    options = {"stop_ids": stops, "pad_id": pad_token_id(chat.tokenizer)}
+    generated = greedy(
+        requests, cache, (model_path, adapter), backend, batch_size, max_new_tokens, options, dist
     )
     if dist.rank == 0:
-        graded = grade_rows(tokenizer, name, rows, answer_field, texts, generated.records)
+        graded = grade_rows(chat.tokenizer, name, rows, answer_field, texts, generated.records)
         summary = summarize(graded, model=model_path, adapter=adapter, benchmark=name, path=path)
-        summary.update(
-            max_new_tokens=max_new_tokens,
-            system_prompt=system_prompt,
-            tokens_generated_this_run=generated.new_tokens,
-            wall_seconds=round(generated.seconds, 3),
-        )
+        summary |= settings_summary(settings, generated)
         write_outputs(out, arm, name, graded, summary)
         LOG.info(
             "UPFT eval: %s %s accuracy %.2f%% (n=%d)", model_path, name, summary["accuracy"], summary["n"]
         )
     dist.barrier()
     return json.loads((arm / f"{name}.summary.json").read_text())
+
+
+def settings_summary(settings: dict, generated) -> dict:
+    """What a summary records of the run besides its grades."""
+    return {
+        "max_new_tokens": settings["max_new_tokens"],
+        "system_prompt": settings["system_prompt"],
+        "tokens_generated_this_run": generated.new_tokens,
+        "wall_seconds": round(generated.seconds, 3),
+    }
+
+
+def greedy(requests, cache, arm: tuple, backend: str, batch_size, max_new_tokens: int, options: dict, dist):
+    """Greedy generations of every request (this rank's share of batches); ``arm`` is (model, adapter).
+    ``batch_size`` None: 16 rows at a time for the hf loop, vLLM's part size for vLLM."""
+    batch_size = batch_size or (HF_EVAL_BATCH if backend == "hf" else resolve_batch_size(None, backend))
+    limits = {KIND: max_new_tokens}
+    return generate_all(
+        requests,
+        cache,
+        lambda: load_eval_sampler(*arm, backend, batch_size, longest(requests, limits)),
+        sizes=call_sizes({KIND: batch_size}, backend, "dynamic"),
+        limits=limits,
+        options=GREEDY | options,
+        seed=0,
+        dist=dist,
+        desc=f"eval {cache.dir.parent.name}",
+    )
 
 
 def eval_requests(chat: ChatFormat, texts: list[str], system_prompt: str | None) -> list[Prompt]:

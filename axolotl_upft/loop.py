@@ -148,21 +148,17 @@ def generate_all(
         )
         total = len(requests) - cached
         with Heartbeat(cache.heartbeat_path(dist.rank), dist.poll_seconds):
-            model = load()
-            try:
-                run_batches(
-                    mine,
-                    cache,
-                    model,
-                    limits,
-                    options,
-                    show=dist.rank == 0,
-                    desc=desc,
-                    total=total,
-                    before=len(done),
-                )
-            finally:
-                model.close()
+            run_batches(
+                mine,
+                cache,
+                load,
+                limits,
+                options,
+                show=dist.rank == 0,
+                desc=desc,
+                total=total,
+                before=len(done),
+            )
     wait_for_ranks(owed, cache, dist, desc)
     records = cache.load()
     check_records(records, requests, cache)
@@ -222,11 +218,28 @@ def silent_rank_error(
 
 
 def run_batches(
-    mine, cache: SampleCache, model: Generator, limits, options, *, show, desc, total, before
+    mine, cache: SampleCache, load: Callable[[], Generator], limits, options, *, show, desc, total, before
 ) -> None:
-    """Generate and write this rank's batches; the progress bar counts every rank's part files."""
+    """Load the model, generate and write this rank's batches, close the model (and its engine) again; the
+    progress bar counts every rank's part files."""
+    model = load()
+    try:
+        write_batches(
+            mine,
+            cache,
+            model,
+            limits,
+            options,
+            bar=tqdm(total=total, desc=desc, unit="q", disable=not show),
+            total=total,
+            before=before,
+        )
+    finally:
+        model.close()
+
+
+def write_batches(mine, cache: SampleCache, model: Generator, limits, options, *, bar, total, before) -> None:
     started, new_tokens = time.perf_counter(), 0
-    bar = tqdm(total=total, desc=desc, unit="q", disable=not show)
     for seed, batch in mine:
         outputs = model.generate(
             [r.prompt_ids for r in batch], max_new_tokens=limits[batch[0].kind], seed=seed, **options
