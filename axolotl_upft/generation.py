@@ -403,8 +403,9 @@ def rank_devices(visible: list[str], local_rank: int, tensor_parallel_size: int)
 @contextmanager
 def engine_environment(tensor_parallel_size: int):
     """The environment vLLM's engine processes inherit as they start: under torchrun on GPUs, this rank's
-    own devices as CUDA_VISIBLE_DEVICES (else every rank's engine lands on the node's first GPU), and never
-    torchrun's variables (the engine is a world of its own, not a member of the ranks' group)."""
+    own devices as CUDA_VISIBLE_DEVICES (else every rank's engine lands on the node's first GPU), never
+    torchrun's variables (the engine is a world of its own, not a member of the ranks' group), and on CPU
+    no core held back for this process (vLLM reserves one by default: half of a 2-core machine)."""
     saved = os.environ.copy()
     if int(os.environ.get("WORLD_SIZE", "1")) > 1 and torch.cuda.is_available():
         visible = os.environ.get("CUDA_VISIBLE_DEVICES") or ",".join(
@@ -415,6 +416,8 @@ def engine_environment(tensor_parallel_size: int):
         os.environ["CUDA_VISIBLE_DEVICES"] = ",".join(devices)
     for key in TORCHRUN_VARIABLES:
         os.environ.pop(key, None)
+    if sampling_device().type == "cpu":  # this process only waits while the engine samples: every core to it
+        os.environ.setdefault("VLLM_CPU_NUM_OF_RESERVED_CPU", "0")
     try:
         yield
     finally:

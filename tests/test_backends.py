@@ -117,11 +117,16 @@ def test_more_engine_gpus_than_the_node_has_names_the_settings():
         generation.rank_devices(["0", "1"], 1, 2)
 
 
-def test_one_process_on_cpu_leaves_the_environment_alone(monkeypatch):
+def test_one_process_on_cpu_pins_no_device_and_gives_the_engine_every_core(monkeypatch):
     monkeypatch.delenv("WORLD_SIZE", raising=False)
     monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    monkeypatch.delenv("VLLM_CPU_NUM_OF_RESERVED_CPU", raising=False)
     with generation.engine_environment(1):
         assert "CUDA_VISIBLE_DEVICES" not in os.environ
+        assert os.environ["VLLM_CPU_NUM_OF_RESERVED_CPU"] == "0", "vLLM would keep a core for this process"
+    monkeypatch.setenv("VLLM_CPU_NUM_OF_RESERVED_CPU", "1")
+    with generation.engine_environment(1):
+        assert os.environ["VLLM_CPU_NUM_OF_RESERVED_CPU"] == "1", "a user's own setting wins"
 
 
 def test_vllm_request_parameters_carry_the_hf_settings_in_vllms_terms():
