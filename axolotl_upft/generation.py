@@ -455,6 +455,7 @@ class VLLMSampler:
     def __init__(self, base_model: str, sampling, max_model_len: int | None = None):
         if not is_vllm_available():
             raise ImportError('upft.sampling.backend: vllm needs vLLM: pip install "axolotl-upft[vllm]"')
+        os.environ.setdefault("VLLM_LOGGING_STREAM", "ext://sys.stderr")  # stdout stays the commands' output
         from vllm import LLM
         from vllm.v1.engine.exceptions import EngineDeadError
 
