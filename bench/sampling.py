@@ -337,36 +337,24 @@ def main(argv=None) -> dict:
     options = sampling_options(settings, stop_ids(tokenizer, generation_config), pad_token_id(tokenizer))
     texts = load_questions(args.n, args.data)
     prompts = [render_prompt_ids(tokenizer, chat_messages(t, None)) for t in texts]
-    if args.engines:
-        result = {
-            "device": str(sampling_device()),
-            "threads": torch.get_num_threads(),
-            "model": args.model,
-            "n": len(prompts),
-            "batch_size": args.batch_size,
-            "k": args.k,
-            "max_new_tokens": args.max_new_tokens,
-            "temperature": args.temperature,
-            "top_k": settings["top_k"],
-            "top_p": settings["top_p"],
-            "repeats": args.repeats,
-        } | engine_race(args, prompts, options)
-        json.dump(result, sys.stdout, indent=2)
-        print()
-        return result
-    if args.compare:
-        result = {
-            "device": str(sampling_device()),
-            "threads": torch.get_num_threads(),
-            "model": args.model,
-            "n": len(prompts),
-            "batch_size": args.batch_size,
-            "k": args.k,
-            "max_new_tokens": args.max_new_tokens,
-            "temperature": args.temperature,
-            "top_k": settings["top_k"],
-            "top_p": settings["top_p"],
-        } | side_by_side(args, prompts, options)
+    if args.engines or args.compare:
+        race = engine_race if args.engines else side_by_side
+        result = (
+            {
+                "device": str(sampling_device()),
+                "threads": torch.get_num_threads(),
+                "model": args.model,
+                "n": len(prompts),
+                "batch_size": args.batch_size,
+                "k": args.k,
+                "max_new_tokens": args.max_new_tokens,
+                "temperature": args.temperature,
+                "top_k": settings["top_k"],
+                "top_p": settings["top_p"],
+            }
+            | ({"repeats": args.repeats} if args.engines else {})
+            | race(args, prompts, options)
+        )
         json.dump(result, sys.stdout, indent=2)
         print()
         return result
