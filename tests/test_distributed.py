@@ -30,6 +30,7 @@ def sample_config(tmp: Path, model: Path, questions: list[dict], name: str, **up
     (tmp / name).mkdir()
     config = write_config(tmp / name, model, questions)
     cfg = yaml.safe_load(config.read_text())
+    cfg["upft"]["sampling"] |= upft.pop("sampling", {})  # keeps write_config's backend: hf
     cfg["upft"] |= {"cache_dir": str(tmp / name / "samples")} | upft
     config.write_text(yaml.safe_dump(cfg))
     return config
