@@ -40,9 +40,12 @@ def render(case: str, model: Path, work: Path, cpu: bool) -> Path:
     # zero3 samples on its own inside `axolotl train` under ZeRO-3; the others share one sample cache
     cache = work / ("samples-zero3" if case == "zero3" else "samples")
     cfg["upft"] |= {"cache_dir": str(cache)}
+    # The cases measure training; they sample with the hf loop, as the GPU machine (no vLLM wheel) must, and
+    # the CPU dry run's 16-wide attention heads are a size vLLM's CPU kernels refuse.
     cfg["upft"]["sampling"] = cfg["upft"].get("sampling", {}) | {
         "max_new_tokens": size["max_new_tokens"],
         "batch_size": size["batch_size"],
+        "backend": "hf",
     }
     cfg |= {
         "base_model": str(model),
