@@ -72,6 +72,13 @@ def write_config(tmp: Path, model: Path, questions: list[dict], **overrides) -> 
     return path
 
 
+def qwen3_thinking_off_config(tmp: Path, model: Path, questions: list[dict]) -> Path:
+    """write_config with Axolotl's qwen3 template and `enable_thinking: false`."""
+    return write_config(
+        tmp, model, questions, chat_template="qwen3", chat_template_kwargs={"enable_thinking": False}
+    )
+
+
 def prepared_rows(tmp: Path) -> tuple[Path, list[dict]]:
     from datasets import load_from_disk
 
@@ -174,13 +181,7 @@ def test_chat_template_kwargs_shape_the_sampled_and_trained_prompts(
     own `type: chat_template` renders it (sampling and rows used to ignore the kwargs: thinking on)."""
     from axolotl_upft.args import REFERENCE_INSTRUCTION
 
-    config = write_config(
-        tmp_path,
-        tiny_model,
-        questions,
-        chat_template="qwen3",
-        chat_template_kwargs={"enable_thinking": False},
-    )
+    config = qwen3_thinking_off_config(tmp_path, tiny_model, questions)
     axolotl("preprocess", config)
     _, rows = prepared_rows(tmp_path)
     expected = set()

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import yaml
 from click.testing import CliRunner
-from test_axolotl_e2e import write_config
+from test_axolotl_e2e import qwen3_thinking_off_config, write_config
 
 from axolotl_upft.cli import main
 from axolotl_upft.evaluate import arm_name
@@ -172,13 +172,7 @@ def test_axolotl_runs_upft_sample_and_upft_eval_from_the_entry_points(tmp_path, 
 def test_eval_with_the_training_config_renders_its_prompts(tmp_path, tiny_model, questions, monkeypatch):
     from axolotl_upft import evaluate as ev
 
-    config = write_config(
-        tmp_path,
-        tiny_model,
-        questions,
-        chat_template="qwen3",
-        chat_template_kwargs={"enable_thinking": False},
-    )
+    config = qwen3_thinking_off_config(tmp_path, tiny_model, questions)
     cfg = yaml.safe_load(config.read_text())
     cfg["upft"]["system_prompt"] = "You are a careful math tutor ."
     config.write_text(yaml.safe_dump(cfg))
