@@ -4,8 +4,8 @@ import math
 
 GIB = 2**30
 ACTIVATION_BYTES = 2  # the sampler computes in 16 bits on a GPU (KV cache, activations, 16-bit weights)
-# Bytes per weight of a Linear layer. bnb 8-bit: int8 (+ one fp32 scale per row, under 0.1%). bnb 4-bit as
-# Axolotl loads it: nf4 with an 8-bit absmax per 64 weights and an fp32 scale per 256 absmax (double quant).
+# Bytes per weight of a Linear layer. bnb 8-bit: int8, plus an fp32 scale per output row (weight_bytes).
+# bnb 4-bit as Axolotl loads it: nf4, an 8-bit absmax per 64 weights, an fp32 scale per 256 absmax.
 LINEAR_BYTES = {16: 2.0, 8: 1.0, 4: 0.5 + 1 / 64 + 4 / (64 * 256)}
 LOGIT_COPIES = 4  # the last position's fp32 logits, processed scores, probabilities and a sort buffer
 VLLM_DEFAULT_UTILIZATION = 0.9  # vLLM's gpu_memory_utilization default on a GPU
@@ -35,15 +35,23 @@ def _shape(model_config: dict) -> dict[str, int]:
     }
 
 
+def _experts(model_config: dict) -> tuple[int, int]:
+    """(experts per MLP, each one's width): (1, intermediate_size) for a dense model."""
+    c = text_config(model_config)
+    experts = c.get("num_local_experts") or c.get("num_experts") or 1
+    if experts == 1:
+        return 1, _shape(model_config)["intermediate"]
+    return experts, c.get("moe_intermediate_size") or c["intermediate_size"]
+
+
 def parameter_counts(model_config: dict) -> dict[str, int]:
     """Parameters of a decoder (Llama, Qwen, Mistral, Mixtral shapes): the Linear layers bitsandbytes
     quantizes, and the embedding, lm_head and norms it keeps in 16 bits (a tied lm_head counted once)."""
     c, s = text_config(model_config), _shape(model_config)
     hidden, head_dim = s["hidden"], s["head_dim"]
-    attention = 2 * hidden * s["heads"] * head_dim + 2 * hidden * s["kv_heads"] * head_dim
-    experts = c.get("num_local_experts") or c.get("num_experts") or 1
-    mlp_width = (c.get("moe_intermediate_size") or s["intermediate"]) if experts > 1 else s["intermediate"]
-    mlp = experts * 3 * hidden * mlp_width + (hidden * experts if experts > 1 else 0)
+    experts, width = _experts(model_config)
+    attention = 2 * hidden * (s["heads"] + s["kv_heads"]) * head_dim
+    mlp = experts * 3 * hidden * width + (hidden * experts if experts > 1 else 0)  # + the router
     embeddings = 1 if c.get("tie_word_embeddings", model_config.get("tie_word_embeddings")) else 2
     return {
         "linear": s["layers"] * (attention + mlp),
@@ -51,13 +59,22 @@ def parameter_counts(model_config: dict) -> dict[str, int]:
     }
 
 
+def _linear_rows(model_config: dict) -> int:
+    """Output rows of the Linear layers (bnb 8-bit keeps an fp32 scale for each)."""
+    s = _shape(model_config)
+    experts, width = _experts(model_config)
+    attention = (s["heads"] + 2 * s["kv_heads"]) * s["head_dim"] + s["hidden"]
+    mlp = experts * (2 * width + s["hidden"]) + (experts if experts > 1 else 0)
+    return s["layers"] * (attention + mlp)
+
+
 def weight_bytes(model_config: dict, weight_bits: int) -> int:
+    """Weights at `weight_bits` (16, or 8 / 4 for bitsandbytes), exactly as bitsandbytes allocates them."""
     if weight_bits not in LINEAR_BYTES:
-        raise ValueError(
-            f"weight_bits {weight_bits}: the sampler loads weights in {sorted(LINEAR_BYTES)} bits"
-        )
+        raise ValueError(f"weight_bits {weight_bits}: the sampler loads weights in 16, 8 or 4 bits")
     counts = parameter_counts(model_config)
-    return math.ceil(counts["linear"] * LINEAR_BYTES[weight_bits] + counts["kept_16bit"] * 2)
+    row_scales = 4 * _linear_rows(model_config) if weight_bits == 8 else 0
+    return math.ceil(counts["linear"] * LINEAR_BYTES[weight_bits] + 2 * counts["kept_16bit"] + row_scales)
 
 
 def kv_cache_bytes(model_config: dict, positions: int, tensor_parallel_size: int = 1) -> int:
