@@ -254,6 +254,22 @@ def test_extract_answer_takes_the_last_complete_final_answer(text, expected):
 
 
 @pytest.mark.parametrize(
+    ("text", "strict", "flexible"),
+    [
+        ("<think>2 + 3 = \\boxed{5}? No, 3 + 4.</think> The answer is 7.", "7", "7"),
+        ("<think>so \\boxed{7}</think> Final: 8", None, "8"),
+        ("(pre-filled <think>) 2 + 3 = \\boxed{5}? No.\n</think>\n\nSo \\boxed{7}.", "7", "7"),
+        ("<think>a</think> \\boxed{5} <think>b</think> then \\boxed{6}", "6", "6"),
+        ("<think>cut while reasoning: \\boxed{5}, or 6", None, None),
+        ("Plain: \\boxed{5} then 6", "5", "5"),
+    ],
+)
+def test_an_r1_trace_is_graded_on_what_follows_its_reasoning_block_never_inside_it(text, strict, flexible):
+    assert extract_answer(text) == strict
+    assert extract_answer_flexible(text) == flexible
+
+
+@pytest.mark.parametrize(
     ("text", "expected"),
     [
         ("The final answer to this arithmetic problem is 6.", "6"),
