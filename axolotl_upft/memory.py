@@ -109,6 +109,11 @@ def _vllm_activation_bytes(model_config: dict, total_bytes: int) -> int:
     return _prefill_bytes(model_config, tokens) + sequences * _shape(model_config)["vocab"] * 4
 
 
+def _held(parts: dict[str, int]) -> int:
+    """What the engine must hold within its share: weights, KV cache and the step's activations."""
+    return parts["weights"] + parts["kv_cache"] + parts["activations"]
+
+
 def sampler_peak_bytes(
     model_config: dict,
     *,
@@ -150,12 +155,7 @@ def sampler_peak_bytes(
         "engine": math.ceil(utilization * total_bytes),
         "overhead": ENGINE_CONTEXT_BYTES,
     }
-    held = parts["weights"] + parts["kv_cache"] + parts["activations"]
-    return parts | {"total": max(parts["engine"], held) + parts["overhead"]}
-
-
-def _held(parts: dict[str, int]) -> int:
-    return parts["weights"] + parts["kv_cache"] + parts["activations"]
+    return parts | {"total": max(parts["engine"], _held(parts)) + parts["overhead"]}
 
 
 def _fits(model_config: dict, free_bytes: int, total_bytes: int, settings: dict) -> bool:
@@ -192,10 +192,11 @@ def _changes(model_config: dict, free_bytes: int, total_bytes: int, settings: di
         return changes
     parts = sampler_peak_bytes(model_config, total_bytes=total_bytes, **settings)
     share = math.floor((free_bytes - ENGINE_CONTEXT_BYTES) / total_bytes * 100) / 100
-    too_big = parts["engine"] + parts["overhead"] > free_bytes
-    if share > 0 and (too_big or (_held(parts) > parts["engine"] and share > parts["engine"] / total_bytes)):
+    cramped = _held(parts) > parts["engine"]
+    more_than_free = parts["engine"] + parts["overhead"] > free_bytes
+    if share > 0 and (more_than_free or (cramped and share * total_bytes > parts["engine"])):
         changes["gpu_memory_utilization"] = ({"gpu_memory_utilization": share}, share)
-    if _held(parts) > parts["engine"]:
+    if cramped:
         size = next((t for t in TP_SIZES if fits(tensor_parallel_size=t)), TP_SIZES[-1])
         if size > settings["tensor_parallel_size"]:
             changes["tensor_parallel_size"] = ({"tensor_parallel_size": size}, size)
