@@ -358,3 +358,21 @@ def test_a_jsonl_path_is_used_as_is_and_an_unknown_name_lists_the_known_ones(tmp
     assert benchmark_path(str(mine)) == mine
     with pytest.raises(ValueError, match="gsm8k"):
         benchmark_path("gsm9k")
+
+
+def test_think_tags_survive_decoding_so_eval_and_rft_grade_the_answer_after_the_reasoning(tmp_path):
+    """Through the real decode (`skip_special_tokens=True`) of a tokenizer that adds <think> tokens as
+    R1 and Qwen3 do, in eval's `grade` and in `is_correct` (rft, label_filter, analyze)."""
+    import tiny
+
+    from axolotl_upft.cache import Record
+    from axolotl_upft.evaluate import grade
+
+    tokenizer = tiny.build_tokenizer(tmp_path, ["The answer is 5 7 ."])
+    tokenizer.add_tokens(["<think>", "</think>"])
+    revised = tokenizer.encode("<think> The answer is 5 </think> The answer is 7 .", add_special_tokens=False)
+    wrong = tokenizer.encode("<think> The answer is 7 </think> The answer is 5 .", add_special_tokens=False)
+    assert grading.is_correct(tokenizer, revised, "7") and not grading.is_correct(tokenizer, wrong, "7")
+    records = [Record(i, "full", "", ids, True) for i, ids in enumerate([revised, wrong])]
+    rows = grade(tokenizer, ["q", "q"], ["7", "7"], records)
+    assert [(row["answer"], row["correct"]) for row in rows] == [("7", True), ("5", False)]
