@@ -294,3 +294,9 @@ def test_device_memory_reads_the_cuda_device_and_is_none_without_one():
     else:
         free, total = found
         assert 0 < free <= total == torch.cuda.get_device_properties(torch.cuda.current_device()).total_memory
+
+
+def test_a_card_that_nothing_fits_says_so_instead_of_naming_a_fix_that_fails():
+    message = refusal("Llama-3.1-70B", "16GB", backend="vllm", free=GIB)
+    assert message.endswith("free memory on the device or use a larger one.")
+    assert "does not fit even with" in message
