@@ -233,7 +233,7 @@ def _fix_text(model_config: dict, free_bytes: int, total_bytes: int, settings: d
             return switch
         return f"{switch}, and {_fix_text(model_config, free_bytes, total_bytes, vllm)}"
     tried = _keys(shown) or "these settings"
-    return f"it does not fit even with {tried}: free memory on the device or use a larger one"
+    return f"free memory on the device or use a larger one (it does not fit even with {tried})"
 
 
 def check_sampler_memory(
