@@ -84,7 +84,12 @@ class SamplingConfig(BaseModel):
 class UPFTConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    prefix_length: int = Field(32, ge=1, description="k: generated tokens kept for prefix samples.")
+    prefix_length: int = Field(
+        32,
+        ge=1,
+        description="k: generated tokens kept for prefix samples; below sampling.max_new_tokens when a run "
+        "also has full traces.",
+    )
     structure_ratio: float = Field(
         0.1, ge=0.0, le=1.0, description="p: share of questions that keep their full trace."
     )
@@ -164,6 +169,20 @@ class UPFTConfig(BaseModel):
             raise ValueError(
                 "upft: set question_field or question_template, not both "
                 "(the template can name the field: question_template: '{" + self.question_field + "}')"
+            )
+        return self
+
+    @model_validator(mode="after")
+    def _prefixes_shorter_than_full_traces(self):
+        """Full traces must be able to run past the prefix: the trainer tells the two kinds apart by length,
+        and label_filter cuts its prefixes from full traces."""
+        both_kinds = self.structure_ratio < 1 and (self.structure_ratio > 0 or self.label_filter)
+        k, limit = self.prefix_length, self.sampling.max_new_tokens
+        if self.mode == "upft" and both_kinds and k >= limit:
+            raise ValueError(
+                f"upft.prefix_length ({k}) must be smaller than upft.sampling.max_new_tokens ({limit}): "
+                "full traces would be no longer than prefixes, and the loss and the upft/* metrics would "
+                "count them as prefixes. Lower upft.prefix_length or raise upft.sampling.max_new_tokens."
             )
         return self
 

@@ -13,6 +13,7 @@ from transformers import GenerationConfig, LogitsProcessorList
 
 from .cache import weight_files
 from .decoding import decode_pool, left_pad
+from .memory import row_bytes
 from .rows import FULL, PREFIX, cut_at_stop
 
 LOG = logging.getLogger(__name__)
@@ -59,21 +60,10 @@ def resolve_batch_size(batch_size: int | None, backend: str) -> int:
     return AUTO_BATCH[sampling_device().type]
 
 
-def rows_that_fit(
-    model_config: dict, *, width: int, new_tokens: int, memory_bytes: float, dtype_bytes: int = 2
-) -> int:
-    """Rows of one `generate` batch that fit in `memory_bytes`: the KV cache of width + new_tokens positions,
-    the prefill's activations of one layer (hidden states, q/k/v, MLP, attention scores) and the last
-    position's logits in fp32 (logits, processed scores, probabilities and a sort buffer)."""
-    c = model_config.get("text_config") or model_config
-    hidden, layers, heads = c["hidden_size"], c["num_hidden_layers"], c["num_attention_heads"]
-    kv_heads = c.get("num_key_value_heads") or heads
-    head_dim = c.get("head_dim") or hidden // heads
-    intermediate = c.get("intermediate_size") or 4 * hidden
-    kv_cache = 2 * layers * kv_heads * head_dim * (width + new_tokens) * dtype_bytes
-    prefill = width * (4 * hidden + 3 * intermediate) * dtype_bytes + heads * width * width * dtype_bytes
-    logits = 4 * c["vocab_size"] * 4
-    return max(1, int(memory_bytes // (kv_cache + prefill + logits)))
+def rows_that_fit(model_config: dict, *, width: int, new_tokens: int, memory_bytes: float) -> int:
+    """Rows of one `generate` batch that fit in `memory_bytes` (memory.row_bytes: KV cache of width +
+    new_tokens positions, the prefill's activations of one layer and the last position's fp32 logits)."""
+    return max(1, int(memory_bytes // row_bytes(model_config, width=width, new_tokens=new_tokens)))
 
 
 def weight_bytes(base_model: str) -> int:

@@ -63,3 +63,10 @@ def test_readme_full_config_blocks_validate_through_axolotl():
 def test_readme_upft_block_lists_every_key_with_the_code_default():
     (block,) = [b for b in readme_yaml_blocks() if set(b) == {"upft"}]
     assert block["upft"] == UPFTConfig().model_dump()
+
+
+def test_axolotl_refuses_an_example_config_whose_prefix_length_reaches_max_new_tokens():
+    raw = yaml.safe_load((ROOT / "example_configs" / "smollm2-135m-demo.yml").read_text())
+    raw["upft"]["prefix_length"] = raw["upft"]["sampling"]["max_new_tokens"]
+    with pytest.raises(ValueError, match=r"upft\.prefix_length \(256\) must be smaller than upft\.sampling"):
+        validate(raw)

@@ -35,6 +35,41 @@ def test_question_field_and_template_together_is_an_error():
 
 
 @pytest.mark.parametrize(
+    "block",
+    [
+        {"prefix_length": 32, "sampling": {"max_new_tokens": 16}},
+        {"prefix_length": 16, "sampling": {"max_new_tokens": 16}},
+        {
+            "prefix_length": 64,
+            "structure_ratio": 0.0,
+            "label_filter": True,
+            "sampling": {"max_new_tokens": 32},
+        },
+    ],
+    ids=["longer", "equal", "label_filter"],
+)
+def test_a_prefix_length_the_full_traces_cannot_exceed_is_refused_naming_both_keys(block):
+    with pytest.raises(ValidationError, match=r"upft\.prefix_length \(\d+\) must be smaller") as err:
+        UPFTConfig.model_validate(block)
+    assert "upft.sampling.max_new_tokens" in str(err.value)
+
+
+@pytest.mark.parametrize(
+    "block",
+    [
+        {"prefix_length": 15, "sampling": {"max_new_tokens": 16}},
+        {"prefix_length": 32, "structure_ratio": 1.0, "sampling": {"max_new_tokens": 16}},
+        {"prefix_length": 32, "structure_ratio": 0.0, "sampling": {"max_new_tokens": 16}},
+        {"prefix_length": 32, "mode": "sft", "sampling": {"max_new_tokens": 16}},
+        {"prefix_length": 32, "mode": "rft", "sampling": {"max_new_tokens": 16}},
+    ],
+    ids=["shorter", "full-traces-only", "prefixes-only", "sft", "rft"],
+)
+def test_prefix_length_is_free_where_one_of_the_two_lengths_goes_unused(block):
+    assert UPFTConfig.model_validate(block).prefix_length in (15, 32)
+
+
+@pytest.mark.parametrize(
     "rows,options,message",
     [
         ([{"question": "a b"}, {"body": "x"}], {}, r"row 1: no question found .*the row has: body"),
