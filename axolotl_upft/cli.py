@@ -6,7 +6,7 @@ from pathlib import Path
 
 import click
 
-from .args import UPFT_TYPES
+from .args import upft_dataset_entries
 
 
 @click.group()
@@ -35,7 +35,7 @@ def convert_gguf_command(gguf, out):
 
 
 def upft_datasets(cfg) -> list:
-    found = [d for d in cfg.datasets or [] if d.get("type") in UPFT_TYPES]
+    found = upft_dataset_entries(cfg)
     if not found:
         raise click.UsageError("the config has no dataset with `type: upft`; nothing to sample.")
     return found
