@@ -62,12 +62,14 @@ def sample_command(config):
 
     from .dataset import SAMPLES_DIR
     from .distributed import CFG_KEY, Distributed, ddp_timeout
+    from .inputs import check_inputs
 
     cfg = load_config_single_process(load_cfg, config)
     datasets = upft_datasets(cfg)
     tokenizer = load_tokenizer(cfg)
     dist = cfg[CFG_KEY] = Distributed.from_env(ddp_timeout(cfg))
     try:
+        check_inputs(cfg)
         # Axolotl's own loader, so the questions match what `preprocess` will see.
         loaded = [
             _load_and_process_single_dataset(ds, cfg, tokenizer, "train", cfg.seed)[0] for ds in datasets

@@ -2,7 +2,7 @@
 
 import string
 from dataclasses import dataclass, field
-from functools import cached_property
+from functools import cache, cached_property
 from typing import Any
 
 QUESTION_FIELDS = ("question", "problem", "prompt", "instruction")
@@ -37,7 +37,8 @@ def question_text(
     return text
 
 
-def template_fields(template: str) -> list[tuple[str, str | None]]:
+@cache  # parsed once per template, not once per row
+def template_fields(template: str) -> tuple[tuple[str, str | None], ...]:
     """The (literal text, field name or None) pieces of a question template. Only plain `{field}` names are
     allowed: no attribute access, index, conversion or format spec; `{{` and `}}` are literal braces."""
     try:
@@ -59,7 +60,7 @@ def template_fields(template: str) -> list[tuple[str, str | None]]:
             f"{TEMPLATE_KEY}: {template!r} names no field, so every question would be the same text. "
             "Write the question's columns as {name}, e.g. '{Body} {Question}'."
         )
-    return [(literal, name) for literal, name, _, _ in pieces]
+    return tuple((literal, name) for literal, name, _, _ in pieces)
 
 
 def _plain(name: str) -> bool:

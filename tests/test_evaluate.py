@@ -371,8 +371,8 @@ def test_a_bin_adapter_beside_the_trainers_training_args_bin_passes_the_adapter_
 
     adapter = saved_adapter(tmp_path / "out", model_dir, safe_serialization=False)
     torch.save(TrainingArguments(output_dir=str(adapter)), adapter / "training_args.bin")
-    assert ev.adapter_weights(adapter) == adapter / "adapter_model.bin"
     ev.check_adapter(adapter)
+    assert ev.adapter_weights(adapter) == adapter / "adapter_model.bin", "the file PEFT loads"
 
 
 @pytest.mark.parametrize("safe_serialization", [True, False], ids=["safetensors", "bin"])
