@@ -106,7 +106,10 @@ class UPFTConfig(BaseModel):
         "instruction, or the first user turn of messages.",
     )
     question_template: str | None = Field(
-        None, description='Format string over the row\'s fields, e.g. "{Body} {Question}".'
+        None,
+        description="The question built from the row's fields, each written {name}: e.g. "
+        '"{Body} {Question}" ({{ and }} are literal braces). A row whose field is missing or null stops '
+        "the run.",
     )
     system_prompt: str | None = Field(None, description="System turn of every prompt; null for none.")
     seed: int = Field(42, description="Seeds the structure split and the sampling.")
