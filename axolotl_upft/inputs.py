@@ -53,14 +53,14 @@ def read_rows(path: Path, limit: int | None = None) -> list[dict]:
 
 
 def check_data_file(path: Path) -> None:
-    """A local JSON file, read as `datasets` will read it: JSON Lines, or one JSON document holding a list of
-    rows (a file whose first line starts one)."""
+    """A local JSON file, read as `datasets` will read it: JSON Lines, or one JSON document (a list of rows)
+    spread over several lines when its first line is not a row by itself."""
     count = 0
     try:
         for count, _ in enumerate(jsonl_rows(path), 1):
             pass
     except ValueError:
-        if count or not _starts_a_list(path):
+        if count or not _starts_a_document(path):
             raise
         _check_document(path)
         return
@@ -68,20 +68,21 @@ def check_data_file(path: Path) -> None:
         read_rows(path)  # an empty file: the words eval uses
 
 
-def _starts_a_list(path: Path) -> bool:
+def _starts_a_document(path: Path) -> bool:
     with open(path, "rb") as handle:
-        return handle.read(4096).lstrip().startswith(b"[")
+        return handle.read(4096).lstrip()[:1] in (b"[", b"{")
 
 
 def _check_document(path: Path) -> None:
-    """A file that is one JSON document: a non-empty list of objects."""
+    """A file that is one JSON document: a non-empty list of objects (or an object, which `datasets` reads
+    as columns)."""
     try:
         rows = json.loads("".join(line for _, line in text_lines(path)))
     except json.JSONDecodeError as err:
         raise ValueError(
             f"{path}: line {err.lineno}, column {err.colno} is not JSON ({err.msg}); fix that line"
         ) from None
-    if not rows or not all(isinstance(row, dict) for row in rows):
+    if isinstance(rows, list) and (not rows or not all(isinstance(row, dict) for row in rows)):
         raise ValueError(f"{path}: the list must hold one JSON object per row, such as {ROW_EXAMPLE}")
 
 
