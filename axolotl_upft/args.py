@@ -3,7 +3,9 @@
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from .prompts import template_fields
 
 ARGS_PATH = (
     f"{__name__}.UPFTArgs"  # what the plugin hands Axolotl; also how a registered plugin is recognised
@@ -109,7 +111,10 @@ class UPFTConfig(BaseModel):
         "instruction, or the first user turn of messages.",
     )
     question_template: str | None = Field(
-        None, description='Format string over the row\'s fields, e.g. "{Body} {Question}".'
+        None,
+        description="The question built from the row's fields, each written {name}: e.g. "
+        '"{Body} {Question}" ({{ and }} are literal braces). A row whose field is missing or null stops '
+        "the run.",
     )
     system_prompt: str | None = Field(None, description="System turn of every prompt; null for none.")
     seed: int = Field(42, description="Seeds the structure split and the sampling.")
@@ -159,6 +164,14 @@ class UPFTConfig(BaseModel):
     def needs_gold(self) -> bool:
         return self.mode == "rft" or self.label_filter
 
+    @field_validator("question_template")
+    @classmethod
+    def _plain_template(cls, template: str | None) -> str | None:
+        """Unbalanced braces and non-field names stop at config validation, before any data is read."""
+        if template is not None:
+            template_fields(template)
+        return template
+
     @model_validator(mode="after")
     def _one_question_source(self):
         if self.label_filter and self.mode != "upft":
@@ -193,6 +206,11 @@ class UPFTArgs(BaseModel):
     upft: UPFTConfig | None = Field(None, description="Unsupervised Prefix Fine-Tuning settings.")
 
 
+def upft_dataset_entries(cfg) -> list[dict]:
+    """The `type: upft` entries of a config's `datasets:`."""
+    return [d for d in cfg.get("datasets") or [] if d.get("type") in UPFT_TYPES]
+
+
 def first_upft_dataset(cfg) -> dict | None:
     """The first `type: upft` entry of a config's `datasets:`, or None."""
-    return next((d for d in cfg.get("datasets") or [] if d.get("type") in UPFT_TYPES), None)
+    return next(iter(upft_dataset_entries(cfg)), None)

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import click
 
-from .args import UPFT_TYPES
+from .args import upft_dataset_entries
 
 
 @click.group()
@@ -35,7 +35,7 @@ def convert_gguf_command(gguf, out):
 
 
 def upft_datasets(cfg) -> list:
-    found = [d for d in cfg.datasets or [] if d.get("type") in UPFT_TYPES]
+    found = upft_dataset_entries(cfg)
     if not found:
         raise click.UsageError("the config has no dataset with `type: upft`; nothing to sample.")
     return found
@@ -62,12 +62,14 @@ def sample_command(config):
 
     from .dataset import SAMPLES_DIR
     from .distributed import CFG_KEY, Distributed, ddp_timeout
+    from .inputs import check_inputs
 
     cfg = load_config_single_process(load_cfg, config)
     datasets = upft_datasets(cfg)
     tokenizer = load_tokenizer(cfg)
     dist = cfg[CFG_KEY] = Distributed.from_env(ddp_timeout(cfg))
     try:
+        check_inputs(cfg)
         # Axolotl's own loader, so the questions match what `preprocess` will see.
         loaded = [
             _load_and_process_single_dataset(ds, cfg, tokenizer, "train", cfg.seed)[0] for ds in datasets

@@ -17,11 +17,12 @@ import logging
 import re
 import shutil
 import tempfile
+from math import prod
 from pathlib import Path
 
 from . import benchmarks
 from .args import SamplingConfig
-from .cache import Record, SampleCache, atomic_write_text, digest, weight_files
+from .cache import Record, SampleCache, atomic_write_text, digest
 from .distributed import Distributed
 from .generation import (
     HFSampler,
@@ -40,6 +41,7 @@ from .grading import (
     gold_answer,
     is_equivalent,
 )
+from .inputs import read_rows
 from .loop import Prompt, generate_all, longest
 from .prompts import ChatFormat, pad_token_id, question_text
 from .selfsample import engine_key, model_fingerprint, read_generation_config, stop_ids
@@ -48,6 +50,10 @@ LOG = logging.getLogger(__name__)
 KIND = "greedy"
 RESULTS_HEADER = ["model", "adapter", "benchmark", "n", "accuracy", "flexible"]
 GREEDY = {"temperature": 0, "top_p": None, "top_k": None, "repetition_penalty": 1.0}
+ZERO3_UNGATHERED = (
+    "A LoRA saved under DeepSpeed ZeRO-3 without gathering looks like this: set "
+    "`stage3_gather_16bit_weights_on_model_save: true` in the DeepSpeed JSON and train (or save) again."
+)
 HF_EVAL_BATCH = 16  # rows the hf loop decodes at a time in eval; vLLM takes its sampling part size
 _CELL_SPLIT = re.compile(r"(?<!\\)\|")
 
@@ -151,42 +157,51 @@ def check_adapter(adapter: str | Path | None) -> None:
     if adapter is None:
         return
     folder = Path(adapter)
-    files = weight_files(folder)
-    if not (folder / "adapter_config.json").exists() or not files:
+    path = adapter_weights(folder)
+    if not (folder / "adapter_config.json").exists() or path is None:
         raise ValueError(
             f"adapter {folder}: no adapter_config.json and adapter_model.safetensors (or .bin) there. "
             "Point --adapter at the folder a LoRA run saved (its output_dir)."
         )
-    sizes = tensor_sizes(files)
+    sizes = tensor_sizes(path)
     empty = sorted(name for name, size in sizes.items() if size == 0)
     if not sizes or empty:
         found = "no tensors" if not sizes else f"{len(empty)} empty tensors of {len(sizes)} (e.g. {empty[0]})"
         raise ValueError(
-            f"adapter {folder}: {', '.join(p.name for p in files)} holds {found}: the LoRA weights were not "
-            "saved, and evaluating it would report the base model's accuracy. A LoRA saved under DeepSpeed "
-            "ZeRO-3 without gathering looks like this: set `stage3_gather_16bit_weights_on_model_save: true` "
-            "in the DeepSpeed JSON and train (or save) again."
+            f"adapter {folder}: {path.name} holds {found}: the LoRA weights were not saved, and evaluating "
+            f"it would report the base model's accuracy. {ZERO3_UNGATHERED}"
         )
 
 
-def tensor_sizes(files: list[Path]) -> dict[str, int]:
-    """Element count of every tensor in weight files, read from the safetensors header where possible."""
-    from math import prod
+def adapter_weights(folder: Path) -> Path | None:
+    """The one file PEFT loads an adapter from (`peft.utils.load_peft_weights`): adapter_model.safetensors,
+    else adapter_model.bin; never the Trainer's training_args.bin beside it."""
+    from peft.utils.constants import SAFETENSORS_WEIGHTS_NAME, WEIGHTS_NAME
 
-    sizes = {}
-    for path in files:
+    return next(
+        (folder / n for n in (SAFETENSORS_WEIGHTS_NAME, WEIGHTS_NAME) if (folder / n).is_file()), None
+    )
+
+
+def tensor_sizes(path: Path) -> dict[str, int]:
+    """Element count of every tensor in an adapter's weight file, from the safetensors header where it can; a
+    file cut short (or never written) stops with its name and the fix."""
+    from pickle import UnpicklingError
+
+    from safetensors import SafetensorError, safe_open
+
+    try:
         if path.suffix == ".safetensors":
-            from safetensors import safe_open
-
             with safe_open(str(path), framework="pt") as handle:
-                sizes |= {k: prod(handle.get_slice(k).get_shape()) for k in handle.keys()}  # noqa: SIM118 (not a dict)
-        else:
-            import torch
+                return {k: prod(handle.get_slice(k).get_shape()) for k in handle.keys()}  # noqa: SIM118 (not a dict)
+        import torch
 
-            sizes |= {
-                k: v.numel() for k, v in torch.load(path, map_location="cpu", weights_only=True).items()
-            }
-    return sizes
+        return {k: v.numel() for k, v in torch.load(path, map_location="cpu", weights_only=True).items()}
+    except (SafetensorError, UnpicklingError, EOFError, RuntimeError) as err:
+        raise ValueError(
+            f"adapter {path.parent}: {path.name} ({path.stat().st_size} bytes) cannot be read ({err}): it "
+            f"was cut short or never written. {ZERO3_UNGATHERED} Otherwise save or copy the adapter again."
+        ) from None
 
 
 def grade_rows(tokenizer, name: str, rows: list[dict], answer_field: str, texts, records) -> list[dict]:
@@ -245,26 +260,6 @@ def _check_args(**values) -> None:
         if value is not None and (not isinstance(value, int) or value < 1):
             hint = "; leave it unset to evaluate every question" if key == "limit" else ""
             raise ValueError(f"{key} must be a positive integer, got {value!r}{hint}")
-
-
-def read_rows(path: Path, limit: int | None) -> list[dict]:
-    """The first ``limit`` rows of a JSONL file (all when None), blank lines skipped."""
-    rows = []
-    with open(path) as handle:
-        for number, line in enumerate(handle, 1):
-            if limit is not None and len(rows) >= limit:
-                break
-            if not line.strip():
-                continue
-            try:
-                rows.append(json.loads(line))
-            except json.JSONDecodeError as err:
-                raise ValueError(
-                    f"{path}: line {number} is not JSON ({err}); fix or remove that line"
-                ) from None
-    if not rows:
-        raise ValueError(f"{path} holds no rows; point the benchmark at a JSONL file of questions")
-    return rows
 
 
 def file_digest(path: Path) -> str:

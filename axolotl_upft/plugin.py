@@ -10,6 +10,7 @@ from axolotl.integrations.base import BasePlugin
 
 from .args import ARGS_PATH, UPFTConfig
 from .cache import weight_files
+from .inputs import check_inputs
 
 HASHED_CFG_KEYS = ("upft", "base_model", "upft_model")  # upft_model: set by load_datasets
 LOG = logging.getLogger(__name__)
@@ -39,6 +40,7 @@ class UPFTPlugin(BasePlugin):
         """Runs before Axolotl hashes and loads the data: the model's fingerprint (the sample cache
         key's files, sizes and dates, or a hub id's revision) joins the hash, so changed weights
         rebuild the rows."""
+        check_inputs(cfg)
         if cfg.get("upft") is not None:
             from .selfsample import model_fingerprint
 

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .args import SamplingConfig, UPFTConfig
-from .cache import Record, SampleCache, digest, ids_digest, weight_files
+from .cache import Record, SampleCache, check_writable, digest, ids_digest, weight_files
 from .distributed import Distributed
 from .loop import Generated, generate_all, longest, widths
 from .prompts import ChatFormat, question_text
@@ -158,6 +158,8 @@ def open_cache(
         "questions_digest": digest([[q.kind, ids_digest(q.prompt_ids)] for q in questions]),
     }
     cache = SampleCache(cache_root, digest(meta), meta)
+    if not cache.is_complete():  # a finished cache is only read: it may sit on a read-only disk
+        check_writable(cache.dir, "upft.cache_dir")
     cache.open()
     return cache, settings, stops
 

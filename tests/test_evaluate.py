@@ -350,3 +350,43 @@ def test_eval_after_train_refuses_an_empty_adapter_instead_of_grading_the_base_m
     with pytest.raises(ValueError, match="stage3_gather_16bit_weights_on_model_save"):
         plugin.post_train_unload(cfg)
     assert not (out / "eval").exists()
+
+
+def saved_adapter(folder, model_dir, *, safe_serialization=True):
+    """A real LoRA adapter of the tiny model, saved by PEFT."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    config = LoraConfig(r=2, target_modules=["q_proj"], task_type="CAUSAL_LM")
+    model = get_peft_model(AutoModelForCausalLM.from_pretrained(model_dir), config)
+    model.save_pretrained(folder, safe_serialization=safe_serialization)
+    return folder
+
+
+def test_a_bin_adapter_beside_the_trainers_training_args_bin_passes_the_adapter_check(model_dir, tmp_path):
+    """`save_safetensors: false` leaves adapter_model.bin next to training_args.bin, a pickled object that
+    `weights_only` loading refuses; the check read every .bin and crashed with UnpicklingError."""
+    import torch
+    from transformers import TrainingArguments
+
+    adapter = saved_adapter(tmp_path / "out", model_dir, safe_serialization=False)
+    torch.save(TrainingArguments(output_dir=str(adapter)), adapter / "training_args.bin")
+    ev.check_adapter(adapter)
+    assert ev.adapter_weights(adapter) == adapter / "adapter_model.bin", "the file PEFT loads"
+
+
+@pytest.mark.parametrize("safe_serialization", [True, False], ids=["safetensors", "bin"])
+@pytest.mark.parametrize("kept", [0.0, 0.5], ids=["zero-bytes", "truncated"])
+def test_a_truncated_adapter_file_is_refused_naming_the_file_and_the_zero3_fix(
+    safe_serialization, kept, model_dir, tmp_path
+):
+    """It raised SafetensorError('header too small') or a zip error, with no word about the adapter."""
+    adapter = saved_adapter(tmp_path / "adapter", model_dir, safe_serialization=safe_serialization)
+    (weights,) = [p for p in adapter.iterdir() if p.stem == "adapter_model"]
+    data = weights.read_bytes()
+    weights.write_bytes(data[: int(len(data) * kept)])
+    message = rf"adapter {adapter}: {weights.name} \(\d+ bytes\) cannot be read .* cut short or never written"
+    with pytest.raises(ValueError, match=message) as err:
+        run("no-such-model", tmp_path / "out", adapter=str(adapter))
+    assert "stage3_gather_16bit_weights_on_model_save: true" in str(err.value)
+    assert not (tmp_path / "out").exists(), "refused before anything was written"
