@@ -13,7 +13,6 @@ A rerun reuses every cached batch, so a killed run resumes and a finished one on
 
 import hashlib
 import json
-import logging
 import re
 import shutil
 import tempfile
@@ -40,11 +39,12 @@ from .grading import (
     gold_answer,
     is_equivalent,
 )
+from .logs import get_logger
 from .loop import Prompt, generate_all, longest
 from .prompts import ChatFormat, pad_token_id, question_text
 from .selfsample import engine_key, model_fingerprint, read_generation_config, stop_ids
 
-LOG = logging.getLogger(__name__)
+LOG = get_logger(__name__)
 KIND = "greedy"
 RESULTS_HEADER = ["model", "adapter", "benchmark", "n", "accuracy", "flexible"]
 GREEDY = {"temperature": 0, "top_p": None, "top_k": None, "repetition_penalty": 1.0}

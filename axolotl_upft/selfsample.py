@@ -1,7 +1,6 @@
 """From data rows to cached samples: the questions, their sampling settings and cache, the run summary."""
 
 import json
-import logging
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -9,11 +8,12 @@ from pathlib import Path
 from .args import SamplingConfig, UPFTConfig
 from .cache import Record, SampleCache, digest, ids_digest, weight_files
 from .distributed import Distributed
+from .logs import get_logger
 from .loop import Generated, generate_all, longest, widths
 from .prompts import ChatFormat, question_text
 from .rows import FULL, PREFIX, question_kinds
 
-LOG = logging.getLogger(__name__)
+LOG = get_logger(__name__)
 RFT_SAMPLES = 16
 
 
