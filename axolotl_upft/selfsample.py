@@ -193,8 +193,10 @@ def sample_questions(
         dist=dist,
         desc="UPFT sampling",
     )
+    summary = summarize(questions, generated)
     if dist.rank == 0 and not cache.is_complete():
-        cache.write_summary(summarize(questions, generated))
+        cache.write_summary(summary)
+    LOG.info(summary_block(summary, upft, cache))
     dist.barrier()
     return generated.records
 
@@ -217,6 +219,8 @@ def summarize(questions: list[Question], generated: Generated) -> dict:
         "samples_per_question": len(questions) // rows,
         "prefix": len(records) - len(full),
         "full": len(full),
+        "cached": generated.cached,
+        "unfinished": sum(not r.stopped for r in full),
         "tokens_generated": total,
         "tokens_generated_this_run": new_tokens,
         "wall_seconds_this_run": round(seconds, 3),
@@ -224,3 +228,34 @@ def summarize(questions: list[Question], generated: Generated) -> dict:
         "rft16_equivalent_tokens": rft,
         "saving_vs_rft16_percent": round(100 * (1 - total / rft), 2) if rft else None,
     }
+
+
+def engine_choice(backend: str) -> str:
+    """The engine that sampled and why: the setting, and for `auto` whether vLLM is installed."""
+    from .generation import is_vllm_available, resolve_backend
+
+    if backend != "auto":
+        return f"{backend} (upft.sampling.backend: {backend})"
+    why = "vLLM is installed" if is_vllm_available() else "vLLM is not installed"
+    return f"{resolve_backend(backend)} (upft.sampling.backend: auto, {why})"
+
+
+def summary_block(summary: dict, upft: UPFTConfig, cache: SampleCache) -> str:
+    """What sampling did, as one block in the console: engine, counts, cache reuse, speed, cache folder."""
+    samples, cached, full = summary["prefix"] + summary["full"], summary["cached"], summary["full"]
+    speed = f" ({summary['tokens_per_second']} tokens/s)" if summary["tokens_per_second"] else ""
+    each = f"{summary['samples_per_question']} sample(s) each"
+    total, new = summary["tokens_generated"], summary["tokens_generated_this_run"]
+    seconds = summary["wall_seconds_this_run"]
+    limit = f"upft.sampling.max_new_tokens={upft.sampling.max_new_tokens}"
+    lines = [
+        "UPFT sampling summary",
+        f"  engine:      {engine_choice(upft.sampling.backend)}",
+        f"  questions:   {summary['questions']} ({each}): {summary['prefix']} prefixes "
+        + f"(k={upft.prefix_length}), {full} full traces",
+        f"  samples:     {cached} of {samples} from the cache, {samples - cached} generated now",
+        f"  tokens:      {total:,} in all, {new:,} generated now in {seconds:.1f} s{speed}",
+        f"  unfinished:  {summary['unfinished']} of {full} full traces reached {limit}",
+        f"  cache:       {cache.dir}  (decoded: axolotl-upft samples CONFIG --n 5)",
+    ]
+    return "\n".join(lines)

@@ -97,6 +97,24 @@ def assert_mask_rules(rows: list[dict], tokenizer, k: int) -> None:
     assert prefix and all(r["input_ids"][-1] == tokenizer.eos_token_id for r in prefix)
 
 
+def assert_summary_in_console(log: str, tmp: Path) -> None:
+    """The plugin's lines reach Axolotl's console in Axolotl's format: the sampling summary, then the rows."""
+    (cache,) = (tmp / "prepared" / "upft_samples").iterdir()
+    summary = json.loads((cache / "summary.json").read_text())
+    lines = log.splitlines()
+    (start,) = [i for i, line in enumerate(lines) if line.endswith("UPFT sampling summary")]
+    assert "[INFO] [axolotl.integrations.upft.selfsample] UPFT sampling summary" in lines[start]
+    block = "\n".join(lines[start + 1 : start + 7])
+    assert "engine:      hf (upft.sampling.backend: hf)" in block
+    assert f"{summary['prefix']} prefixes (k=6), {summary['full']} full traces" in block
+    assert (summary["prefix"], summary["full"]) == (18, 6), "p = 0.25 of 24 questions keep the full trace"
+    assert "0 of 24 from the cache, 24 generated now" in block
+    assert f"{summary['tokens_generated']:,} in all" in block and "tokens/s)" in block
+    assert f"unfinished:  {summary['unfinished']} of 6 full traces" in block
+    assert f"cache:       {cache}" in block
+    assert "[INFO] [axolotl.integrations.upft.dataset] UPFT: 24 rows (18 prefix with k=6, 6 full)" in log
+
+
 @pytest.mark.parametrize("packing", [True, False], ids=["packed", "unpacked"])
 def test_preprocess_then_train_with_the_plugin(packing, tmp_path, tiny_model, tiny_tokenizer, questions):
     config = write_config(tmp_path, tiny_model, questions, sample_packing=packing)
@@ -107,7 +125,7 @@ def test_preprocess_then_train_with_the_plugin(packing, tmp_path, tiny_model, ti
         cfg["upft"]["eval_after_train"] = [str(bench)]
         config.write_text(yaml.safe_dump(cfg))
     log = axolotl("preprocess", config, "--debug", "--debug-num-examples", "24")
-    assert "UPFT sampling" in log
+    assert_summary_in_console(log, tmp_path)
     assert "assistant(-100," in log and "<|im_end|>(3, 3)" in log, (
         "--debug shows the masked prompt and trained EOS"
     )
