@@ -256,6 +256,6 @@ def summary_block(summary: dict, upft: UPFTConfig, cache: SampleCache) -> str:
         f"  samples:     {cached} of {samples} from the cache, {samples - cached} generated now",
         f"  tokens:      {total:,} in all, {new:,} generated now in {seconds:.1f} s{speed}",
         f"  unfinished:  {summary['unfinished']} of {full} full traces reached {limit}",
-        f"  cache:       {cache.dir}  (decoded: axolotl-upft samples CONFIG --n 5)",
+        f"  cache:       {cache.dir}  (decoded: axolotl-upft show-samples CONFIG --n 5)",
     ]
     return "\n".join(lines)
