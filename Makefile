@@ -61,7 +61,7 @@ demo: demo-model
 	@start=$$(date +%s); \
 	axolotl preprocess $(DEMO_CFG) && \
 	axolotl train $(DEMO_CFG) && \
-	axolotl-upft report $(DEMO_CFG) --started $$start
+	axolotl-upft report $(DEMO_CFG) --started $$start --rows 3
 
 # base vs UPFT vs self-SFT vs RFT vs UPFT+label_filter on a reasoning-gym task (CPU, many hours; resumes).
 # Work goes to runs/compare, the per-question rows, tables and plots to results/compare.
