@@ -158,8 +158,36 @@ def open_cache(
         "questions_digest": digest([[q.kind, ids_digest(q.prompt_ids)] for q in questions]),
     }
     cache = SampleCache(cache_root, digest(meta), meta)
+    if not cache.dir.exists():
+        log_why_not_reused(cache)
     cache.open()
     return cache, settings, stops
+
+
+def changed_keys(old: dict, new: dict, prefix: str = "") -> list[str]:
+    """The keys (dotted, one level into nested dicts) whose values differ between two meta.json files."""
+    changed = []
+    for key in sorted((set(old) | set(new)) - {"key", "format"}):
+        a, b = old.get(key), new.get(key)
+        if isinstance(a, dict) and isinstance(b, dict) and not prefix:
+            changed += changed_keys(a, b, f"{key}.")
+        elif a != b:
+            changed.append(prefix + key)
+    return changed
+
+
+def log_why_not_reused(cache: SampleCache) -> None:
+    """A new sample set next to older ones: name what differs from the newest, so a user sees why the
+    samples of an earlier run were not reused."""
+    metas = sorted(cache.dir.parent.glob("*/meta.json"), key=lambda p: p.stat().st_mtime)
+    if not metas:
+        return
+    changed = changed_keys(json.loads(metas[-1].read_text()), cache.meta)
+    LOG.info(
+        "UPFT: the samples in %s were drawn with other settings, not reused (changed: %s); sampling anew",
+        metas[-1].parent,
+        ", ".join(changed) or "nothing in meta.json",
+    )
 
 
 def sample_questions(

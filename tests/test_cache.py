@@ -262,3 +262,17 @@ def test_generation_config_is_read_from_a_folder_or_the_hub_cache_and_a_failed_r
     (folder / "generation_config.json").write_text('{"top_p": ')
     with pytest.raises(json.JSONDecodeError):
         read_generation_config(str(folder))  # a broken file is an error, not "no generation config"
+
+
+def test_a_new_sample_set_next_to_an_older_one_logs_which_settings_changed(tmp_path, caplog):
+    from axolotl_upft.cache import SampleCache
+    from axolotl_upft.selfsample import log_why_not_reused
+
+    old = SampleCache(tmp_path, "a" * 64, {"sampling": {"temperature": 0.6, "top_p": 1.0}, "seed": 42})
+    old.open()
+    new = SampleCache(tmp_path, "b" * 64, {"sampling": {"temperature": 0.7, "top_p": 1.0}, "seed": 42})
+    with caplog.at_level("INFO", logger=NAMESPACE):
+        log_why_not_reused(new)
+    (line,) = [r.getMessage() for r in caplog.records if r.name.startswith(NAMESPACE)]
+    assert f"samples in {old.dir} were drawn with other settings" in line
+    assert "(changed: sampling.temperature)" in line, "only the key that differs is named"
