@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -142,7 +143,18 @@ def test_preprocess_then_train_with_the_plugin(packing, tmp_path, tiny_model, ti
     assert sorted((tmp_path / "prepared").iterdir()) == prepared, "no new prepared dataset, no new samples"
     assert "train_loss" in log
     assert (tmp_path / "out" / "adapter_model.safetensors").exists()
-    if not packing:
+    if packing:
+        report = subprocess.run(
+            [sys.executable, "-m", "axolotl_upft.cli", "report", str(config), "--rows", "3"],
+            capture_output=True,
+            text=True,
+            timeout=300,
+            check=True,
+            cwd=tmp_path,
+        ).stdout
+        assert "-- prefix" in report and "-- full" in report, "decoded rows of both kinds end the report"
+        assert re.search(r"prefix: \d+\.\d{3} -> \d+\.\d{3}", report), "per-kind losses from the train log"
+    else:
         (summary,) = (tmp_path / "out" / "eval").glob("*/*.summary.json")
         graded = json.loads(summary.read_text())
         expected = (3, str(tiny_model), str(tmp_path / "out"))

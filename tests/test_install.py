@@ -65,7 +65,7 @@ def dist(tmp_path_factory) -> Path:
 
 def test_the_wheel_and_the_sdist_pass_twine_check(dist):
     files = sorted(dist.glob("axolotl_upft-*"))
-    assert [f.suffix for f in files] == [".gz", ".whl"], "one sdist, and the wheel built from it"
+    assert sorted(f.suffix for f in files) == [".gz", ".whl"], "one sdist, and the wheel built from it"
     assert "PASSED" in run(sys.executable, "-m", "twine", "check", "--strict", *files)
 
 
