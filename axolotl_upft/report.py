@@ -105,9 +105,14 @@ def kind_losses(output_dir: Path) -> dict | None:
     return {"steps": len(steps), **{kind: {"first": v[0], "last": v[-1]} for kind, v in kinds.items() if v}}
 
 
+CPU_EVAL = Path("example_configs/data/gsm8k_test_20.jsonl")  # shipped: 20 GSM8K test questions
+
+
 def next_step(config: str, output_dir: str) -> list[str]:
-    """What to run after a CPU run: a small eval of base and adapter, with the training config's prompts."""
-    common = f"axolotl-upft eval --config {config} --benchmark gsm8k --limit 20 --max-new-tokens 256"
+    """What to run after a CPU run: a small eval of base and adapter, with the training config's prompts (the
+    20 shipped GSM8K test questions from a checkout, else the first 20 of `gsm8k` from UPFT_DATA_DIR)."""
+    questions = f"{CPU_EVAL}" if CPU_EVAL.exists() else "gsm8k --limit 20"
+    common = f"axolotl-upft eval --config {config} --benchmark {questions} --max-new-tokens 256"
     return [
         f"{common} --output runs/eval   # base",
         f"{common} --adapter {output_dir} --output runs/eval   # the adapter; results.md compares both",

@@ -2,6 +2,7 @@
 
 import json
 import os
+from pathlib import Path
 
 import yaml
 from datasets import Dataset
@@ -113,8 +114,9 @@ def test_decoded_samples_come_from_the_cache_before_preprocess(tmp_path, tiny_to
 
 
 def test_report_rows_prints_decoded_samples_per_kind_losses_run_time_and_a_cpu_next_step(
-    tmp_path, tiny_tokenizer, tiny_model
+    tmp_path, tiny_tokenizer, tiny_model, monkeypatch
 ):
+    monkeypatch.chdir(tmp_path)  # outside a checkout: the next step names the gsm8k benchmark
     from click.testing import CliRunner
 
     from axolotl_upft.cli import main
@@ -133,7 +135,18 @@ def test_report_rows_prints_decoded_samples_per_kind_losses_run_time_and_a_cpu_n
     assert "-- prefix" in text and "-- full" in text and "prompt:   '<|im_start|> user Natalia" in text
     assert "prefix: 2.500 -> 1.250" in text and "full: 1.750 -> 1.750" in text
     assert "== run time:" in text
-    assert f"--config {config} --benchmark gsm8k --limit 20 --max-new-tokens 256" in text
+    assert f"--config {config} --benchmark gsm8k --limit 20 --max-new-tokens 256 --output" in text
     shown = CliRunner().invoke(main, ["show-samples", str(config), "--n", "4"])
     assert shown.exit_code == 0, shown.output
     assert [json.loads(line)["kind"] for line in shown.output.splitlines()] == ["prefix"] * 3 + ["full"]
+
+
+def test_the_next_step_evaluates_the_shipped_20_questions_from_a_checkout(monkeypatch):
+    from axolotl_upft.report import CPU_EVAL, next_step
+
+    monkeypatch.chdir(Path(__file__).resolve().parents[1])
+    base, adapter = next_step("cfg.yml", "runs/demo/adapter")
+    assert f"--benchmark {CPU_EVAL} --max-new-tokens 256 --output runs/eval" in base
+    assert "--adapter" not in base
+    assert "--adapter runs/demo/adapter" in adapter
+    assert len(CPU_EVAL.read_text().splitlines()) == 20, "a CPU-sized eval"
