@@ -135,5 +135,5 @@ def readable(report: dict, samples: list[dict], losses: dict | None, config: str
     if "wall_seconds" in report:
         lines.append(f"== run time: {report['wall_seconds'] / 60:.1f} min")
     lines.append("== next step on a CPU: 20 GSM8K questions, at most 256 new tokens each, base and adapter")
-    lines.append("   (200 questions x 1,024 new tokens, the eval defaults, take hours on a CPU)")
+    lines.append("   (200 questions at eval's default 1,024 new tokens can take hours on a CPU)")
     return "\n".join(lines + ["   " + line for line in next_step(config, report["output_dir"])])
