@@ -277,7 +277,7 @@ def summary_block(summary: dict, upft: UPFTConfig, cache: SampleCache) -> str:
     seconds = summary["wall_seconds_this_run"]
     limit = f"upft.sampling.max_new_tokens={upft.sampling.max_new_tokens}"
     lines = [
-        "UPFT sampling summary",
+        "UPFT sample summary",
         f"  engine:      {engine_choice(upft.sampling.backend)}",
         f"  questions:   {summary['questions']} ({each}): {summary['prefix']} prefixes "
         + f"(k={upft.prefix_length}), {full} full traces",

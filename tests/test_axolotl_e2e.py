@@ -103,8 +103,8 @@ def assert_summary_in_console(log: str, tmp: Path) -> None:
     (cache,) = (tmp / "prepared" / "upft_samples").iterdir()
     summary = json.loads((cache / "summary.json").read_text())
     lines = log.splitlines()
-    (start,) = [i for i, line in enumerate(lines) if line.endswith("UPFT sampling summary")]
-    assert "[INFO] [axolotl.integrations.upft.selfsample] UPFT sampling summary" in lines[start]
+    (start,) = [i for i, line in enumerate(lines) if line.endswith("UPFT sample summary")]
+    assert "[INFO] [axolotl.integrations.upft.selfsample] UPFT sample summary" in lines[start]
     block = "\n".join(lines[start + 1 : start + 7])
     assert "engine:      hf (upft.sampling.backend: hf)" in block
     assert f"{summary['prefix']} prefixes (k=6), {summary['full']} full traces" in block
@@ -175,6 +175,7 @@ def test_changing_an_upft_setting_makes_a_new_prepared_dataset(tmp_path, tiny_mo
     )
     assert len(prepared) == 2 and first.name in prepared
     assert "UPFT sampling" not in log, "prefix_eos does not change the samples: the sample cache serves them"
+    assert "samples:     24 of 24 from the cache, 0 generated now" in log, "the summary says so"
 
 
 def test_a_plugin_that_fails_to_import_stops_the_run(tmp_path, tiny_model, questions):
