@@ -10,7 +10,6 @@ is still shared by most samples), clamped to the paper's 8..128.
 
 import io
 import json
-import logging
 import time
 from collections import Counter, defaultdict
 from pathlib import Path
@@ -21,6 +20,7 @@ from .cache import SampleCache, atomic_write_bytes, atomic_write_text, digest, i
 from .distributed import Distributed
 from .generation import call_sizes, load_sampler, resolve_backend
 from .grading import gold_answer, is_correct
+from .logs import get_logger
 from .loop import Prompt, generate_all, longest
 from .prompts import QUESTION_FIELDS, ChatFormat, pad_token_id, question_text
 from .selfsample import (
@@ -32,7 +32,7 @@ from .selfsample import (
     stop_ids,
 )
 
-LOG = logging.getLogger(__name__)
+LOG = get_logger(__name__)
 K_BOUNDS = (8, 128)
 KIND = "sample"
 

@@ -9,9 +9,20 @@ import click
 from .args import upft_dataset_entries
 
 
+def no_telemetry_unless_asked() -> None:
+    """Axolotl's telemetry is on unless AXOLOTL_DO_NOT_TRACK is set, and its exit-time flush waits for its
+    server: on a machine with no internet a command hung for minutes after its work was done. The plugin's
+    commands send nothing unless the user sets AXOLOTL_DO_NOT_TRACK=0."""
+    os.environ.setdefault("AXOLOTL_DO_NOT_TRACK", "1")
+
+
 @click.group()
 def main():
     """Unsupervised Prefix Fine-Tuning for Axolotl."""
+    no_telemetry_unless_asked()
+    from axolotl.logging_config import configure_logging
+
+    configure_logging()
 
 
 @main.command("convert-gguf")
@@ -56,6 +67,7 @@ def load_config_single_process(load_cfg, config: Path):
 @click.argument("config", type=click.Path(exists=True, dir_okay=False, path_type=Path))
 def sample_command(config):
     """Self-sample every `type: upft` dataset of CONFIG into upft.cache_dir (shards across ranks)."""
+    no_telemetry_unless_asked()
     from axolotl.cli.config import load_cfg
     from axolotl.loaders import load_tokenizer
     from axolotl.utils.data.sft import _load_and_process_single_dataset
@@ -157,6 +169,7 @@ def eval_command(
     data_dir,
 ):
     """Greedy, zero-shot accuracy on math benchmarks (shards across ranks under torchrun)."""
+    no_telemetry_unless_asked()
     from .distributed import Distributed, ddp_timeout
     from .evaluate import evaluate
 
@@ -297,18 +310,45 @@ def analyze_command(config, samples, lengths, num_questions, max_new_tokens, out
 @main.command("report")
 @click.argument("config", type=click.Path(exists=True, dir_okay=False, path_type=Path))
 @click.option("--started", type=float, default=None, help="Epoch seconds the run started (prints wall time).")
-def report_command(config, started):
+@click.option(
+    "--rows",
+    type=click.IntRange(min=0),
+    default=0,
+    help="After the JSON, N decoded samples, the per-kind losses, the run time and a next step.",
+)
+def report_command(config, started, rows):
     """Where a run's samples, prepared rows and outputs went, with token counts."""
     import time
 
     import yaml
 
-    from .report import run_report
+    from .report import decoded_samples, kind_losses, readable, run_report
 
-    report = run_report(yaml.safe_load(config.read_text()))
+    raw = yaml.safe_load(config.read_text())
+    report = run_report(raw)
     if started is not None:
         report["wall_seconds"] = round(time.time() - started, 1)
     click.echo(json.dumps(report, indent=2))
+    if rows:
+        losses = kind_losses(Path(report["output_dir"]))
+        click.echo(readable(report, decoded_samples(raw, rows), losses, str(config)))
+
+
+@main.command("show-samples")
+@click.argument("config", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.option("--n", "n", type=click.IntRange(min=1), default=5, show_default=True)
+def show_samples_command(config, n):
+    """Decoded samples of CONFIG's newest run: prompt and trained response from the prepared rows, or the
+    generated text from the sample cache before `axolotl preprocess` (the cache keeps token ids only)."""
+    import yaml
+
+    from .report import decoded_samples
+
+    found = decoded_samples(yaml.safe_load(config.read_text()), n)
+    if not found:
+        raise click.UsageError(f"{config}: no samples yet; run `axolotl preprocess {config}` first.")
+    for sample in found:
+        click.echo(json.dumps(sample, ensure_ascii=False))
 
 
 if __name__ == "__main__":

@@ -1,7 +1,6 @@
 """The `type: upft` dataset: questions in, self-sampled UPFT rows (ids, mask, labels) out."""
 
 import json
-import logging
 from collections import Counter
 
 from axolotl.integrations.base import PluginManager
@@ -13,11 +12,12 @@ from .args import ARGS_PATH, AXOLOTL_SEQUENCE_LEN, UPFTConfig, first_upft_datase
 from .cache import Record, SampleCache
 from .distributed import Distributed
 from .grading import is_correct
+from .logs import get_logger
 from .prompts import ChatFormat, check_tokenizer, pad_token_id
 from .rows import FULL, Row, full_row, prefix_row
 from .selfsample import Question, open_cache, prepare_questions, sample_questions
 
-LOG = logging.getLogger(__name__)
+LOG = get_logger(__name__)
 SAMPLES_DIR = "upft_samples_dir"
 
 

@@ -13,7 +13,6 @@ A rerun reuses every cached batch, so a killed run resumes and a finished one on
 
 import hashlib
 import json
-import logging
 import re
 import shutil
 import tempfile
@@ -42,11 +41,12 @@ from .grading import (
     is_equivalent,
 )
 from .inputs import read_rows
+from .logs import get_logger
 from .loop import Prompt, generate_all, longest
 from .prompts import ChatFormat, pad_token_id, question_text
 from .selfsample import engine_key, model_fingerprint, read_generation_config, stop_ids
 
-LOG = logging.getLogger(__name__)
+LOG = get_logger(__name__)
 KIND = "greedy"
 RESULTS_HEADER = ["model", "adapter", "benchmark", "n", "accuracy", "flexible"]
 GREEDY = {"temperature": 0, "top_p": None, "top_k": None, "repetition_penalty": 1.0}

@@ -3,7 +3,6 @@
 import gc
 import importlib.util
 import json
-import logging
 import os
 from contextlib import contextmanager
 from pathlib import Path
@@ -13,10 +12,11 @@ from transformers import GenerationConfig, LogitsProcessorList
 
 from .cache import weight_files
 from .decoding import decode_pool, left_pad
+from .logs import get_logger
 from .memory import row_bytes
 from .rows import FULL, PREFIX, cut_at_stop
 
-LOG = logging.getLogger(__name__)
+LOG = get_logger(__name__)
 AUTO_BATCH = {"cuda": 256, "cpu": 16}  # full-trace batches; on a GPU also capped by what fits in memory
 PREFIX_BATCH_CAP = 2048  # prefix batches hold only prompt + k tokens, so on a GPU they grow up to this
 MEMORY_SHARE = 0.5  # of the GPU memory left after the weights, for one batch's cache, activations and logits

@@ -1,14 +1,15 @@
 """Answer extraction and grading for the evaluation protocol: the last ``\\boxed{}`` after any ``<think>``
 block vs. gold, by math-verify."""
 
-import logging
 import math
 import os
 import re
 import threading
 from pathlib import Path
 
-LOG = logging.getLogger(__name__)
+from .logs import get_logger
+
+LOG = get_logger(__name__)
 
 BENCHMARKS = {
     "gsm8k": "gsm8k_test.jsonl",

@@ -7,7 +7,6 @@ becomes of its record. A plan never depends on what is cached, so a resumed run 
 clean run would have drawn.
 """
 
-import logging
 import os
 import time
 from collections.abc import Callable, Sequence
@@ -19,8 +18,9 @@ from tqdm.auto import tqdm
 
 from .cache import Record, SampleCache, digest, ids_digest
 from .distributed import Distributed, Heartbeat
+from .logs import get_logger
 
-LOG = logging.getLogger(__name__)
+LOG = get_logger(__name__)
 LOG_SECONDS = 60  # how often rank 0 says whom it waits for
 
 

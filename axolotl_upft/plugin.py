@@ -1,6 +1,5 @@
 """Axolotl glue: the `upft:` args, `type: upft`, and the prepared-data hash."""
 
-import logging
 import os
 import sys
 import time
@@ -11,9 +10,10 @@ from axolotl.integrations.base import BasePlugin
 from .args import ARGS_PATH, UPFTConfig
 from .cache import weight_files
 from .inputs import check_inputs
+from .logs import get_logger
 
 HASHED_CFG_KEYS = ("upft", "base_model", "upft_model")  # upft_model: set by load_datasets
-LOG = logging.getLogger(__name__)
+LOG = get_logger(__name__)
 
 
 class UPFTPlugin(BasePlugin):

@@ -1,7 +1,6 @@
 """From data rows to cached samples: the questions, their sampling settings and cache, the run summary."""
 
 import json
-import logging
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -9,11 +8,12 @@ from pathlib import Path
 from .args import SamplingConfig, UPFTConfig
 from .cache import Record, SampleCache, check_writable, digest, ids_digest, weight_files
 from .distributed import Distributed
+from .logs import get_logger
 from .loop import Generated, generate_all, longest, widths
 from .prompts import ChatFormat, question_text
 from .rows import FULL, PREFIX, question_kinds
 
-LOG = logging.getLogger(__name__)
+LOG = get_logger(__name__)
 RFT_SAMPLES = 16
 
 
@@ -160,8 +160,36 @@ def open_cache(
     cache = SampleCache(cache_root, digest(meta), meta)
     if not cache.is_complete():  # a finished cache is only read: it may sit on a read-only disk
         check_writable(cache.dir, "upft.cache_dir")
+    if not cache.dir.exists():
+        log_why_not_reused(cache)
     cache.open()
     return cache, settings, stops
+
+
+def changed_keys(old: dict, new: dict, prefix: str = "") -> list[str]:
+    """The keys (dotted, one level into nested dicts) whose values differ between two meta.json files."""
+    changed = []
+    for key in sorted((set(old) | set(new)) - {"key", "format"}):
+        a, b = old.get(key), new.get(key)
+        if isinstance(a, dict) and isinstance(b, dict) and not prefix:
+            changed += changed_keys(a, b, f"{key}.")
+        elif a != b:
+            changed.append(prefix + key)
+    return changed
+
+
+def log_why_not_reused(cache: SampleCache) -> None:
+    """A new sample set next to older ones: name what differs from the newest, so a user sees why the
+    samples of an earlier run were not reused."""
+    metas = sorted(cache.dir.parent.glob("*/meta.json"), key=lambda p: p.stat().st_mtime)
+    if not metas:
+        return
+    changed = changed_keys(json.loads(metas[-1].read_text()), cache.meta)
+    LOG.info(
+        "UPFT: the samples in %s were drawn with other settings, not reused (changed: %s); sampling anew",
+        metas[-1].parent,
+        ", ".join(changed) or "nothing in meta.json",
+    )
 
 
 def sample_questions(
@@ -195,8 +223,10 @@ def sample_questions(
         dist=dist,
         desc="UPFT sampling",
     )
+    summary = summarize(questions, generated)
     if dist.rank == 0 and not cache.is_complete():
-        cache.write_summary(summarize(questions, generated))
+        cache.write_summary(summary)
+    LOG.info(summary_block(summary, upft, cache))
     dist.barrier()
     return generated.records
 
@@ -219,6 +249,8 @@ def summarize(questions: list[Question], generated: Generated) -> dict:
         "samples_per_question": len(questions) // rows,
         "prefix": len(records) - len(full),
         "full": len(full),
+        "cached": generated.cached,
+        "unfinished": sum(not r.stopped for r in full),
         "tokens_generated": total,
         "tokens_generated_this_run": new_tokens,
         "wall_seconds_this_run": round(seconds, 3),
@@ -226,3 +258,34 @@ def summarize(questions: list[Question], generated: Generated) -> dict:
         "rft16_equivalent_tokens": rft,
         "saving_vs_rft16_percent": round(100 * (1 - total / rft), 2) if rft else None,
     }
+
+
+def engine_choice(backend: str) -> str:
+    """The engine that sampled and why: the setting, and for `auto` whether vLLM is installed."""
+    from .generation import is_vllm_available, resolve_backend
+
+    if backend != "auto":
+        return f"{backend} (upft.sampling.backend: {backend})"
+    why = "vLLM is installed" if is_vllm_available() else "vLLM is not installed"
+    return f"{resolve_backend(backend)} (upft.sampling.backend: auto, {why})"
+
+
+def summary_block(summary: dict, upft: UPFTConfig, cache: SampleCache) -> str:
+    """What sampling did, as one block in the console: engine, counts, cache reuse, speed, cache folder."""
+    samples, cached, full = summary["prefix"] + summary["full"], summary["cached"], summary["full"]
+    speed = f" ({summary['tokens_per_second']} tokens/s)" if summary["tokens_per_second"] else ""
+    each = f"{summary['samples_per_question']} sample(s) each"
+    total, new = summary["tokens_generated"], summary["tokens_generated_this_run"]
+    seconds = summary["wall_seconds_this_run"]
+    limit = f"upft.sampling.max_new_tokens={upft.sampling.max_new_tokens}"
+    lines = [
+        "UPFT sample summary",
+        f"  engine:      {engine_choice(upft.sampling.backend)}",
+        f"  questions:   {summary['questions']} ({each}): {summary['prefix']} prefixes "
+        + f"(k={upft.prefix_length}), {full} full traces",
+        f"  samples:     {cached} of {samples} from the cache, {samples - cached} generated now",
+        f"  tokens:      {total:,} in all, {new:,} generated now in {seconds:.1f} s{speed}",
+        f"  unfinished:  {summary['unfinished']} of {full} full traces reached {limit}",
+        f"  cache:       {cache.dir}  (decoded: axolotl-upft show-samples CONFIG --n 5)",
+    ]
+    return "\n".join(lines)

@@ -194,3 +194,13 @@ def test_eval_with_the_training_config_renders_its_prompts(tmp_path, tiny_model,
         system + "<|im_start|>user\nHow many ?<|im_end|>\n<|im_start|>assistant\n<think>\n\n</think>\n\n"
     )
     assert prompt == chat.tokenizer(expected, add_special_tokens=False)["input_ids"]
+
+
+def test_the_plugins_commands_turn_off_axolotls_telemetry_unless_the_user_set_it(monkeypatch):
+    """Axolotl's telemetry flush waits for its server at exit: without internet a command hung for minutes."""
+    monkeypatch.delenv("AXOLOTL_DO_NOT_TRACK", raising=False)
+    assert invoke("write-benchmark", "--help").exit_code == 0
+    assert os.environ["AXOLOTL_DO_NOT_TRACK"] == "1"
+    monkeypatch.setenv("AXOLOTL_DO_NOT_TRACK", "0")
+    assert invoke("write-benchmark", "--help").exit_code == 0
+    assert os.environ["AXOLOTL_DO_NOT_TRACK"] == "0", "a user's own setting wins"

@@ -13,6 +13,7 @@ from test_axolotl_e2e import run_axolotl, write_config
 
 from axolotl_upft.args import UPFTConfig
 from axolotl_upft.dataset import build_rows
+from axolotl_upft.logs import NAMESPACE
 from axolotl_upft.plugin import UPFTPlugin
 from axolotl_upft.prompts import question_text
 
@@ -185,7 +186,7 @@ def test_rows_longer_than_sequence_len_lose_their_last_tokens_and_the_log_counts
     options = {"structure_ratio": 1.0, "sampling": {"max_new_tokens": 24, "batch_size": 4}}
     whole = run(rows, tiny_tokenizer, tiny_model, tmp_path, sequence_len=512, **options)
     sequence_len = max(len(r.input_ids) - r.num_trained for r in whole) + 3  # every prompt fits, whole
-    with caplog.at_level("WARNING", logger="axolotl_upft"):
+    with caplog.at_level("WARNING", logger=NAMESPACE):
         cut = run(rows, tiny_tokenizer, tiny_model, tmp_path, sequence_len=sequence_len, **options)
     longer = sum(len(r.input_ids) > sequence_len for r in whole)
     assert longer > 0, "some trace is longer than sequence_len, or this test proves nothing"
