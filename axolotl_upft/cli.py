@@ -96,8 +96,10 @@ main.add_command(sample_command, name="sample")
     "--config",
     type=click.Path(exists=True, dir_okay=False, path_type=Path),
     default=None,
-    help="Training config: prompts use its chat template, chat_template_kwargs, eot_tokens and "
-    "upft.system_prompt, as its rows did. Default: the tokenizer's own template.",
+    help="Training config: prompts use its chat template, chat_template_kwargs, eot_tokens, "
+    "upft.system_prompt and question_field / question_template, as its rows did, and the sampler its "
+    "upft.sampling keys (max_new_tokens, backend, dtype, vLLM's settings). Default: the tokenizer's own "
+    "template and upft.sampling's defaults.",
 )
 @click.option(
     "--adapter",
@@ -122,7 +124,24 @@ main.add_command(sample_command, name="sample")
     default=None,
     help="System turn; default: --config's upft.system_prompt, else the chat template's own.",
 )
-@click.option("--max-new-tokens", type=click.IntRange(min=1), default=1024, show_default=True)
+@click.option(
+    "--max-new-tokens",
+    type=click.IntRange(min=1),
+    default=None,
+    help="Default: --config's upft.sampling.max_new_tokens (as eval_after_train), else 1024.",
+)
+@click.option(
+    "--question-field",
+    default=None,
+    help="Column of the question; default: --config's upft.question_field / question_template, else "
+    "auto-detected (question, problem, prompt, instruction, messages).",
+)
+@click.option(
+    "--answer-field",
+    default=None,
+    help="Column of the gold answer in a .jsonl benchmark; default: --config's upft.answer_field, else "
+    "answer.",
+)
 @click.option(
     "--batch-size",
     type=click.IntRange(min=1),
@@ -150,19 +169,21 @@ def eval_command(
     output,
     system_prompt,
     max_new_tokens,
+    question_field,
+    answer_field,
     batch_size,
     backend,
     data_dir,
 ):
     """Greedy, zero-shot accuracy on math benchmarks (shards across ranks under torchrun)."""
+    from .args import UPFTConfig
     from .distributed import Distributed, ddp_timeout
     from .evaluate import evaluate
 
-    chat, cfg = None, {}
+    chat, cfg, upft = None, {}, UPFTConfig()
     if config is not None:
         from axolotl.cli.config import load_cfg
 
-        from .args import UPFTConfig
         from .dataset import config_chat_format
 
         cfg = load_config_single_process(load_cfg, config)
@@ -170,7 +191,6 @@ def eval_command(
         upft = UPFTConfig.from_cfg(cfg)
         model_path = model_path or cfg.base_model
         system_prompt = system_prompt if system_prompt is not None else upft.system_prompt
-        backend = backend or upft.sampling.backend
     if model_path is None:
         raise click.UsageError("give --model (or --config, whose base_model is then evaluated)")
     dist = Distributed.from_env(ddp_timeout(cfg))
@@ -185,10 +205,12 @@ def eval_command(
                 system_prompt=system_prompt,
                 max_new_tokens=max_new_tokens,
                 batch_size=batch_size,
+                **eval_fields(benchmark, upft, question_field, answer_field),
                 data_dir=data_dir,
                 distributed=dist,
                 chat=chat,
-                backend=backend or "auto",
+                sampling=upft.sampling,
+                backend=backend,
             )
             if dist.rank == 0:
                 click.echo(json.dumps(summary, indent=2))
@@ -199,6 +221,18 @@ def eval_command(
 
 
 main.add_command(eval_command, name="eval")
+
+
+def eval_fields(benchmark: str, upft, question_field: str | None, answer_field: str | None) -> dict:
+    """Where a benchmark's questions and answers are: --question-field / --answer-field, else for a .jsonl
+    file the training config's upft.question_field / question_template / answer_field (the fields its rows
+    were built from); named benchmarks keep their own fields."""
+    own = benchmark.endswith(".jsonl")
+    return {
+        "question_field": question_field or (upft.question_field if own else None),
+        "question_template": upft.question_template if own and not question_field else None,
+        "answer_field": answer_field or (upft.answer_field if own else "answer"),
+    }
 
 
 @main.command("write-benchmark")
@@ -284,7 +318,7 @@ def analyze_command(config, samples, lengths, num_questions, max_new_tokens, out
             batch_size=resolve_batch_size(upft.sampling.batch_size, resolve_backend(upft.sampling.backend)),
             output_dir=out,
             chat=config_chat_format(cfg),
-            backend=upft.sampling.backend,
+            sampling=upft.sampling,
         )
     except ValueError as err:
         raise click.UsageError(str(err)) from None
