@@ -178,7 +178,7 @@ def eval_command(
     """Greedy, zero-shot accuracy on math benchmarks (shards across ranks under torchrun)."""
     from .args import UPFTConfig
     from .distributed import Distributed, ddp_timeout
-    from .evaluate import evaluate
+    from .evaluate import eval_fields, evaluate
 
     chat, cfg, upft = None, {}, UPFTConfig()
     if config is not None:
@@ -221,18 +221,6 @@ def eval_command(
 
 
 main.add_command(eval_command, name="eval")
-
-
-def eval_fields(benchmark: str, upft, question_field: str | None, answer_field: str | None) -> dict:
-    """Where a benchmark's questions and answers are: --question-field / --answer-field, else for a .jsonl
-    file the training config's upft.question_field / question_template / answer_field (the fields its rows
-    were built from); named benchmarks keep their own fields."""
-    own = benchmark.endswith(".jsonl")
-    return {
-        "question_field": question_field or (upft.question_field if own else None),
-        "question_template": upft.question_template if own and not question_field else None,
-        "answer_field": answer_field or (upft.answer_field if own else "answer"),
-    }
 
 
 @main.command("write-benchmark")

@@ -120,6 +120,20 @@ def eval_sampling(
     return (sampling or SamplingConfig()).model_copy(update=updates)
 
 
+def eval_fields(
+    benchmark: str, upft, question_field: str | None = None, answer_field: str | None = None
+) -> dict:
+    """Where a benchmark's questions and answers are: --question-field / --answer-field, else for a .jsonl
+    file the training config's upft.question_field / question_template / answer_field (the fields its rows
+    were built from); named benchmarks keep their own fields."""
+    own = benchmark.endswith(".jsonl")
+    return {
+        "question_field": question_field or (upft.question_field if own else None),
+        "question_template": upft.question_template if own and not question_field else None,
+        "answer_field": answer_field or (upft.answer_field if own else "answer"),
+    }
+
+
 def settings_summary(settings: dict, generated) -> dict:
     """What a summary records of the run besides its grades."""
     return {

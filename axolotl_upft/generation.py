@@ -27,6 +27,7 @@ POOL = 4  # the hf backend decodes a batch size of rows at a time from calls of 
 # vLLM schedules its own batches; this only sizes the cache's part files (what a crash loses, progress steps)
 VLLM_BATCH = {"cuda": 4096, "cpu": 256}
 VLLM_CPU_MEMORY_SHARE = 0.3  # of RAM on CPU, where vLLM refuses its GPU default of 0.9
+VLLM_MISSING = 'upft.sampling.backend: vllm needs vLLM: pip install "axolotl-upft[vllm]"'
 CPU_PREFILL_TOKENS = 4096  # vLLM's CPU default token budget per step (a longer context raises it)
 
 
@@ -53,6 +54,8 @@ def resolve_sampling(sampling, model: TrainedModel):
     sample `model` as it is trained: vLLM where it is installed and can load the model (`vllm_refusal`),
     else the hf loop, with one log line saying why. `backend: vllm` on a model vLLM cannot load stops."""
     backend = resolve_backend(sampling.backend)
+    if backend == "vllm" and not is_vllm_available():
+        raise ImportError(VLLM_MISSING)
     reason = vllm_refusal(model) if backend == "vllm" else None
     if reason and sampling.backend == "vllm":
         raise ValueError(
@@ -60,7 +63,7 @@ def resolve_sampling(sampling, model: TrainedModel):
             "Set upft.sampling.backend: hf (or auto) to sample with the plugin's own decode loop."
         )
     if reason:
-        LOG.info("UPFT: sampling with the hf loop, not vLLM: %s", reason)
+        LOG.warning("UPFT: backend auto samples with the hf loop, not vLLM: %s", reason)
         backend = "hf"
     resolved = sampling.model_copy(update={"backend": backend, "dtype": resolve_dtype(sampling.dtype)})
     resolved._auto = sampling.backend == "auto"
@@ -583,7 +586,7 @@ class VLLMSampler:
 
     def __init__(self, model: TrainedModel, sampling, max_model_len: int | None = None):
         if not is_vllm_available():
-            raise ImportError('upft.sampling.backend: vllm needs vLLM: pip install "axolotl-upft[vllm]"')
+            raise ImportError(VLLM_MISSING)
         os.environ.setdefault("VLLM_LOGGING_STREAM", "ext://sys.stderr")  # stdout stays the commands' output
         from vllm import LLM
         from vllm.lora.request import LoRARequest

@@ -76,6 +76,10 @@ class UPFTPlugin(BasePlugin):
             return
         import multiprocessing
 
+        from .evaluate import check_adapter
+
+        check_adapter(saved_model(cfg)[1])  # a sentence here, before a child process starts
+
         child = multiprocessing.get_context("spawn").Process(target=evaluate_saved, args=(cfg,))
         child.start()
         child.join()
@@ -87,28 +91,34 @@ class UPFTPlugin(BasePlugin):
             )
 
 
+def saved_model(cfg) -> tuple[str, str | None]:
+    """(model, adapter) a run saved in output_dir: base_model + the adapter, or the full model."""
+    if cfg.adapter:
+        return cfg.base_model, str(cfg.output_dir)
+    return str(cfg.output_dir), None
+
+
 def evaluate_saved(cfg) -> None:
     """upft.eval_after_train's benchmarks on what the run saved, with the config's prompts and upft.sampling
     (the rule of `eval --config`: `evaluate.eval_sampling`)."""
     from axolotl.logging_config import configure_logging
 
     from .dataset import config_chat_format
-    from .evaluate import evaluate
+    from .evaluate import eval_fields, evaluate
 
     configure_logging()
     upft = UPFTConfig.from_cfg(cfg)
-    out = Path(cfg.output_dir)
     chat = config_chat_format(cfg)  # the prompts this run trained on
-    adapter = str(out) if cfg.adapter else None
-    model_path = cfg.base_model if adapter else str(out)
+    model_path, adapter = saved_model(cfg)
     for benchmark in upft.eval_after_train:
         summary = evaluate(
             model_path,
             benchmark,
             adapter=adapter,
-            output_dir=out / "eval",
+            output_dir=Path(cfg.output_dir) / "eval",
             system_prompt=upft.system_prompt,
             chat=chat,
             sampling=upft.sampling,
+            **eval_fields(benchmark, upft),
         )
         LOG.info("UPFT eval %s: %.1f%% of %d", benchmark, summary["accuracy"], summary["n"])

@@ -143,7 +143,7 @@ def engine_cache(root, meta: dict, sampling: SamplingConfig) -> SampleCache:
     found = keyed_cache(root, meta | {"engine": other})
     if not found.is_complete():
         return own
-    LOG.info(
+    LOG.warning(
         "UPFT: backend auto resolved to %s, but %s holds the finished samples %s drew with the same "
         "settings: reusing them (set upft.sampling.backend to draw with one engine only)",
         sampling.backend,
