@@ -4,6 +4,7 @@ engine's memory given back, greedy eval and analyze against the hf loop, the sam
 """
 
 import json
+import logging
 import os
 import signal
 import subprocess
@@ -173,7 +174,9 @@ def arm_rows(out: Path) -> list[tuple]:
     ]
 
 
-def test_greedy_eval_of_an_adapter_with_vllm_equals_the_hf_loop(tmp_path, vllm_model, questions):
+def test_greedy_eval_of_an_adapter_served_by_vllms_lora_equals_the_hf_loop_with_peft(
+    tmp_path, vllm_model, questions, caplog
+):
     import torch
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
@@ -187,15 +190,17 @@ def test_greedy_eval_of_an_adapter_with_vllm_equals_the_hf_loop(tmp_path, vllm_m
     bench = tmp_path / "bench.jsonl"
     bench.write_text("".join(json.dumps(q) + "\n" for q in questions[:8]))
     for backend in ("hf", "vllm"):
-        evaluate(
-            str(vllm_model),
-            str(bench),
-            adapter=str(tmp_path / "adapter"),
-            output_dir=tmp_path / backend,
-            max_new_tokens=16,
-            backend=backend,
-        )
-    assert not list(Path(tempfile.gettempdir()).glob("upft-merged-*")), "the merged copy is deleted"
+        with caplog.at_level(logging.INFO, logger="axolotl_upft"):
+            evaluate(
+                str(vllm_model),
+                str(bench),
+                adapter=str(tmp_path / "adapter"),
+                output_dir=tmp_path / backend,
+                max_new_tokens=16,
+                backend=backend,
+            )
+    assert "'enable_lora': True" in caplog.text, "the adapter went to vLLM as a LoRARequest, not merged"
+    assert not list(Path(tempfile.gettempdir()).glob("upft-merged-*")), "no merged copy in /tmp"
     assert arm_rows(tmp_path / "vllm") == arm_rows(tmp_path / "hf"), "fp32, greedy: the same tokens"
     evaluate(str(vllm_model), str(bench), output_dir=tmp_path / "base", max_new_tokens=16, backend="hf")
     assert arm_rows(tmp_path / "base") != arm_rows(tmp_path / "hf"), "the adapter was applied"
