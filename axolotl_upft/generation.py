@@ -646,5 +646,7 @@ def load_sampler(model: TrainedModel, sampling, max_model_len: int | None = None
         except EngineRefused as err:
             if not sampling._auto:
                 raise
-            LOG.warning("UPFT: backend auto: vLLM refused %s, sampling with the hf loop: %s", model, err)
+            LOG.warning(
+                "UPFT: backend auto: vLLM refused %s, sampling with the hf loop: %s", model.base_model, err
+            )
     return HFSampler.load(model, sampling)
