@@ -292,15 +292,6 @@ def test_vllm_and_the_hf_loop_draw_first_tokens_from_one_distribution(vllm_model
         assert chi_square_p(tokens, target(1.0)) < 1e-3, f"{name}: the penalty must be visible in the draws"
 
 
-def test_a_model_vllms_engine_refuses_stops_backend_vllm_and_sends_auto_to_the_hf_loop(tiny_model, caplog):
-    """Past resolve_sampling's checks (here skipped), the engine's start-up probe is the last word."""
-    from axolotl_upft.generation import HFSampler, load_sampler
-
-    model, sampling = TrainedModel(str(tiny_model)), SamplingConfig(backend="vllm", dtype="float32")
+def test_a_model_vllm_cannot_run_is_refused_at_start_with_the_fix(tiny_model):
     with pytest.raises(ValueError, match=r"could not run .*upft.sampling.backend: hf"):
-        load_sampler(model, sampling, 64)
-    sampling._auto = True  # as resolve_sampling leaves `backend: auto`
-    with caplog.at_level(logging.WARNING, logger="axolotl_upft"):
-        sampler = load_sampler(model, sampling, 64)
-    assert isinstance(sampler, HFSampler) and "backend auto: vLLM refused" in caplog.text
-    sampler.close()
+        VLLMSampler(TrainedModel(str(tiny_model)), SamplingConfig(backend="vllm", dtype="float32"), 64)

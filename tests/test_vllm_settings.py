@@ -52,6 +52,20 @@ def test_auto_samples_an_adapter_vllm_cannot_serve_with_the_hf_loop(vllm_model, 
     assert generation.resolve_sampling(SamplingConfig(), bnb).backend == "hf", "vLLM has no bitsandbytes"
 
 
+@pytest.mark.vllm
+def test_an_engine_that_refuses_to_start_stops_backend_vllm_and_sends_auto_to_the_hf_loop(vllm_model, caplog):
+    """Past resolve_sampling's checks, vLLM's own start is the last word: here its config check refuses a
+    context longer than the model's (engine_length, skipped here, would have refused it first)."""
+    model, sampling = TrainedModel(str(vllm_model)), SamplingConfig(backend="vllm", dtype="float32")
+    with pytest.raises(ValueError, match=r"(?s)could not run .*max_model_len .*upft.sampling.backend: hf"):
+        generation.load_sampler(model, sampling, 4096)
+    sampling._auto = True  # as resolve_sampling leaves `backend: auto`
+    with caplog.at_level(logging.WARNING, logger="axolotl_upft"):
+        sampler = generation.load_sampler(model, sampling, 4096)
+    assert isinstance(sampler, generation.HFSampler) and "backend auto: vLLM refused" in caplog.text
+    sampler.close()
+
+
 def test_the_engine_context_is_checked_against_the_longest_prompt_before_anything_loads(vllm_model):
     model = TrainedModel(str(vllm_model))  # max_position_embeddings: 1024
     vllm = SamplingConfig(backend="vllm", dtype="float32")
