@@ -200,3 +200,17 @@ def test_eval_with_the_training_config_renders_its_prompts_and_takes_its_samplin
     assert record["q"] == ids_digest(prompt), (
         "the question from upft.question_field, in the config's template"
     )
+
+
+def test_eval_reads_the_question_and_answer_fields_it_is_told(tmp_path, tiny_model):
+    bench = tmp_path / "mine.jsonl"
+    bench.write_text(json.dumps({"query": "How many ?", "question": "not this", "solution": "18"}) + "\n")
+    result = invoke(
+        "eval", "--model", tiny_model, "--benchmark", bench, "--output", tmp_path / "eval",
+        "--question-field", "query", "--answer-field", "solution", "--max-new-tokens", 3, "--backend", "hf",
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    summary = last_json(result.stdout)
+    rows = (tmp_path / "eval").glob("*/mine.jsonl")
+    (row,) = [json.loads(line) for path in rows for line in path.read_text().splitlines()]
+    assert (row["question"], row["gold"], summary["max_new_tokens"]) == ("How many ?", "18", 3)
