@@ -71,11 +71,16 @@ def resolve_sampling(sampling, model: TrainedModel):
 
 
 def vllm_refusal(model: TrainedModel) -> str | None:
-    """Why the installed vLLM cannot load `model` as it is trained, read from its config files and vLLM's own
-    rules (no weights, no engine), or None. vLLM has no bitsandbytes loader; it serves a LoRA adapter with
-    its own LoRA support, within its rank and feature limits; its CPU attention takes some head sizes only."""
+    """Why the installed vLLM cannot sample `model` as it is trained, read from its config files and vLLM's
+    own rules (no weights, no engine), or None. bitsandbytes stays with the hf loop; vLLM serves a LoRA
+    adapter with its own LoRA support, within its rank and feature limits; its CPU attention takes some head
+    sizes only."""
     if model.quantization in ("bnb-4bit", "bnb-8bit"):
-        return f"the model trains in {model.quantization} (bitsandbytes), which vLLM cannot load"
+        return (
+            f"the model trains in {model.quantization} (bitsandbytes). vLLM's CPU build 0.32 has no "
+            "bitsandbytes loader, and its GPU in-flight quantization is not Axolotl's BitsAndBytesConfig, "
+            "so its samples would not come from the model that trains"
+        )
     if model.quantization is not None:
         from vllm.model_executor.layers.quantization import QUANTIZATION_METHODS
 
