@@ -3,7 +3,7 @@
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, field_validator, model_validator
 
 from .prompts import template_fields
 
@@ -21,6 +21,8 @@ REFERENCE_INSTRUCTION = (
 
 class SamplingConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
+    # set by generation.resolve_sampling: the user asked for backend auto (fallback to hf, cache reuse)
+    _auto: bool = PrivateAttr(False)
 
     temperature: float = Field(0.6, ge=0.0, description="Sampling temperature; 0 means greedy.")
     top_p: float | None = Field(
@@ -57,7 +59,11 @@ class SamplingConfig(BaseModel):
         "(CUDA graphs), prompts padded to a multiple of 64.",
     )
     backend: Literal["auto", "hf", "vllm"] = Field(
-        "auto", description="auto: vllm where it is installed, else hf (the plugin's decode loop)."
+        "auto",
+        description="auto: what can sample the model as it is trained: vllm where it is installed and can "
+        "load the model (no bitsandbytes; LoRA within vLLM's limits; on CPU its head sizes), else hf (the "
+        "plugin's decode loop), with a log line saying why; also hf when vLLM's engine refuses to start. "
+        "With auto, a finished sample cache of the other backend for the same settings is reused.",
     )
     dtype: Literal["auto", "bfloat16", "float16", "float32"] = Field(
         "auto", description="Weights and activations while sampling; auto: bfloat16 on a GPU, float32 on CPU."
@@ -73,8 +79,9 @@ class SamplingConfig(BaseModel):
     max_model_len: int | None = Field(
         None,
         ge=1,
-        description="vLLM: longest prompt + generation per request; null: the run's longest prompt plus "
-        "its longest generation, so the KV cache holds no more than the run needs.",
+        description="vLLM: longest prompt + generation per request (generation stops there; part of the "
+        "sample cache key); null: the run's longest prompt plus its longest generation, at most the model's "
+        "context (max_position_embeddings).",
     )
     enforce_eager: bool | None = Field(
         None,

@@ -110,8 +110,10 @@ main.add_command(sample_command, name="sample")
     "--config",
     type=click.Path(exists=True, dir_okay=False, path_type=Path),
     default=None,
-    help="Training config: prompts use its chat template, chat_template_kwargs, eot_tokens and "
-    "upft.system_prompt, as its rows did. Default: the tokenizer's own template.",
+    help="Training config: prompts use its chat template, chat_template_kwargs, eot_tokens, "
+    "upft.system_prompt and question_field / question_template, as its rows did, and the sampler its "
+    "upft.sampling keys (max_new_tokens, backend, dtype, vLLM's settings). Default: the tokenizer's own "
+    "template and upft.sampling's defaults.",
 )
 @click.option(
     "--adapter",
@@ -136,7 +138,24 @@ main.add_command(sample_command, name="sample")
     default=None,
     help="System turn; default: --config's upft.system_prompt, else the chat template's own.",
 )
-@click.option("--max-new-tokens", type=click.IntRange(min=1), default=1024, show_default=True)
+@click.option(
+    "--max-new-tokens",
+    type=click.IntRange(min=1),
+    default=None,
+    help="Default: --config's upft.sampling.max_new_tokens (as eval_after_train), else 1024.",
+)
+@click.option(
+    "--question-field",
+    default=None,
+    help="Column of the question; default: --config's upft.question_field / question_template, else "
+    "auto-detected (question, problem, prompt, instruction, messages).",
+)
+@click.option(
+    "--answer-field",
+    default=None,
+    help="Column of the gold answer in a .jsonl benchmark; default: --config's upft.answer_field, else "
+    "answer.",
+)
 @click.option(
     "--batch-size",
     type=click.IntRange(min=1),
@@ -164,20 +183,22 @@ def eval_command(
     output,
     system_prompt,
     max_new_tokens,
+    question_field,
+    answer_field,
     batch_size,
     backend,
     data_dir,
 ):
     """Greedy, zero-shot accuracy on math benchmarks (shards across ranks under torchrun)."""
     no_telemetry_unless_asked()
+    from .args import UPFTConfig
     from .distributed import Distributed, ddp_timeout
-    from .evaluate import evaluate
+    from .evaluate import eval_fields, evaluate
 
-    chat, cfg = None, {}
+    chat, cfg, upft = None, {}, UPFTConfig()
     if config is not None:
         from axolotl.cli.config import load_cfg
 
-        from .args import UPFTConfig
         from .dataset import config_chat_format
 
         cfg = load_config_single_process(load_cfg, config)
@@ -185,7 +206,6 @@ def eval_command(
         upft = UPFTConfig.from_cfg(cfg)
         model_path = model_path or cfg.base_model
         system_prompt = system_prompt if system_prompt is not None else upft.system_prompt
-        backend = backend or upft.sampling.backend
     if model_path is None:
         raise click.UsageError("give --model (or --config, whose base_model is then evaluated)")
     dist = Distributed.from_env(ddp_timeout(cfg))
@@ -200,10 +220,12 @@ def eval_command(
                 system_prompt=system_prompt,
                 max_new_tokens=max_new_tokens,
                 batch_size=batch_size,
+                **eval_fields(benchmark, upft, question_field, answer_field),
                 data_dir=data_dir,
                 distributed=dist,
                 chat=chat,
-                backend=backend or "auto",
+                sampling=upft.sampling,
+                backend=backend,
             )
             if dist.rank == 0:
                 click.echo(json.dumps(summary, indent=2))
@@ -299,7 +321,7 @@ def analyze_command(config, samples, lengths, num_questions, max_new_tokens, out
             batch_size=resolve_batch_size(upft.sampling.batch_size, resolve_backend(upft.sampling.backend)),
             output_dir=out,
             chat=config_chat_format(cfg),
-            backend=upft.sampling.backend,
+            sampling=upft.sampling,
         )
     except ValueError as err:
         raise click.UsageError(str(err)) from None

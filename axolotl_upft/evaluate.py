@@ -14,24 +14,14 @@ A rerun reuses every cached batch, so a killed run resumes and a finished one on
 import hashlib
 import json
 import re
-import shutil
-import tempfile
 from math import prod
 from pathlib import Path
 
 from . import benchmarks
 from .args import SamplingConfig
-from .cache import Record, SampleCache, atomic_write_text, digest
+from .cache import Record, atomic_write_text, digest
 from .distributed import Distributed
-from .generation import (
-    HFSampler,
-    VLLMSampler,
-    call_sizes,
-    load_model,
-    resolve_backend,
-    resolve_batch_size,
-    sampling_device,
-)
+from .generation import call_sizes, engine_length, load_sampler, resolve_batch_size, resolve_sampling
 from .grading import (
     BENCHMARKS,
     benchmark_path,
@@ -42,9 +32,17 @@ from .grading import (
 )
 from .inputs import read_rows
 from .logs import get_logger
-from .loop import Prompt, generate_all, longest
+from .loop import Prompt, generate_all, longest, widest
 from .prompts import ChatFormat, pad_token_id, question_text
-from .selfsample import engine_key, model_fingerprint, read_generation_config, stop_ids
+from .selfsample import (
+    context_key,
+    engine_cache,
+    model_fingerprint,
+    read_generation_config,
+    report_context_cut,
+    stop_ids,
+)
+from .trained import TrainedModel
 
 LOG = get_logger(__name__)
 KIND = "greedy"
@@ -66,55 +64,80 @@ def evaluate(
     limit: int | None = None,
     output_dir: str | Path,
     system_prompt: str | None = None,
-    max_new_tokens: int = 1024,
+    max_new_tokens: int | None = None,
     batch_size: int | None = None,
     answer_field: str = "answer",
+    question_field: str | None = None,
+    question_template: str | None = None,
     data_dir: str | Path | None = None,
     distributed: Distributed | None = None,
     chat: ChatFormat | None = None,
-    backend: str = "auto",
+    sampling: SamplingConfig | None = None,
+    backend: str | None = None,
 ) -> dict:
     """Greedy accuracy of ``model_path`` (+ ``adapter``) on a benchmark; chat=None: the tokenizer's own.
-    ``backend`` as upft.sampling.backend (auto: vLLM where installed)."""
-    _check_args(limit=limit, max_new_tokens=max_new_tokens, batch_size=batch_size)
+    The sampler is upft.sampling's (``sampling``: a training config's, else the defaults) with
+    ``max_new_tokens`` and ``backend`` where given (`eval_sampling`); decoding is greedy."""
+    sampling = eval_sampling(sampling, max_new_tokens=max_new_tokens, backend=backend)
+    _check_args(limit=limit, max_new_tokens=sampling.max_new_tokens, batch_size=batch_size)
     check_adapter(adapter)
     dist = distributed or Distributed()
     path, name, out = output_paths(benchmark, data_dir, output_dir)
     arm = out / arm_name(model_path, adapter)
     check_not_benchmark(arm / f"{name}.jsonl", path)
     rows = read_rows(path, limit)
-    texts = [question_text(row, i) for i, row in enumerate(rows)]
+    fields = {"field": question_field, "template": question_template}
+    texts = [question_text(row, i, **fields) for i, row in enumerate(rows)]
     chat = chat or ChatFormat.own(load_tokenizer(model_path, adapter))
     requests = eval_requests(chat, texts, system_prompt)
     stops = stop_ids(chat.tokenizer, read_generation_config(model_path), chat.end_ids)
-    backend = resolve_backend(backend)
-    settings = {"system_prompt": system_prompt, "max_new_tokens": max_new_tokens, "stop_ids": sorted(stops)}
-    cache = eval_cache(
-        out / "parts" / name,
-        model_path,
-        adapter,
-        chat,
-        path,
-        settings=settings,
-        engine=engine_key(backend, "auto"),
-    )
+    model = TrainedModel(model_path, adapter)
+    sampling = resolve_sampling(sampling, model)
+    settings = {
+        "system_prompt": system_prompt,
+        "max_new_tokens": sampling.max_new_tokens,
+        "stop_ids": sorted(stops),
+    }
+    cache = eval_cache(out / "parts" / name, model, chat, path, settings=settings, sampling=sampling)
     if dist.rank == 0:
         cache.open()
     dist.barrier()
     options = {"stop_ids": stops, "pad_id": pad_token_id(chat.tokenizer)}
-    generated = greedy(
-        requests, cache, (model_path, adapter), backend, batch_size, max_new_tokens, options, dist
-    )
+    generated, cut = greedy(requests, cache, model, sampling, batch_size, options, dist)
     if dist.rank == 0:
         graded = grade_rows(chat.tokenizer, name, rows, answer_field, texts, generated.records)
         summary = summarize(graded, model=model_path, adapter=adapter, benchmark=name, path=path)
-        summary |= settings_summary(settings, generated)
+        summary |= settings_summary(settings, generated) | {"backend": sampling.backend, "context_cut": cut}
         write_outputs(out, arm, name, graded, summary)
         LOG.info(
             "UPFT eval: %s %s accuracy %.2f%% (n=%d)", model_path, name, summary["accuracy"], summary["n"]
         )
     dist.barrier()
     return json.loads((arm / f"{name}.summary.json").read_text())
+
+
+def eval_sampling(
+    sampling: SamplingConfig | None, *, max_new_tokens: int | None = None, backend: str | None = None
+) -> SamplingConfig:
+    """The one rule of `eval`, `eval --config` and `eval_after_train`: upft.sampling (the config's, else the
+    defaults), with --max-new-tokens and --backend where they are given."""
+    updates = {"max_new_tokens": max_new_tokens, "backend": backend}
+    updates = {k: v for k, v in updates.items() if v is not None}
+    return (sampling or SamplingConfig()).model_copy(update=updates)
+
+
+def eval_fields(
+    benchmark: str, upft, question_field: str | None = None, answer_field: str | None = None
+) -> dict:
+    """Where a benchmark's questions and answers are: --question-field / --answer-field, else for a .jsonl
+    file the training config's upft.question_field / question_template / answer_field (the fields its rows
+    were built from); named benchmarks keep their own fields."""
+    own = benchmark.endswith(".jsonl")
+    return {
+        "question_field": question_field or (upft.question_field if own else None),
+        "question_template": upft.question_template if own and not question_field else None,
+        "answer_field": answer_field or (upft.answer_field if own else "answer"),
+    }
 
 
 def settings_summary(settings: dict, generated) -> dict:
@@ -127,15 +150,19 @@ def settings_summary(settings: dict, generated) -> dict:
     }
 
 
-def greedy(requests, cache, arm: tuple, backend: str, batch_size, max_new_tokens: int, options: dict, dist):
-    """Greedy generations of every request (this rank's share of batches); ``arm`` is (model, adapter).
-    ``batch_size`` None: 16 rows at a time for the hf loop, vLLM's part size for vLLM."""
-    batch_size = batch_size or (HF_EVAL_BATCH if backend == "hf" else resolve_batch_size(None, backend))
-    limits = {KIND: max_new_tokens}
-    return generate_all(
+def greedy(requests, cache, model: TrainedModel, sampling: SamplingConfig, batch_size, options: dict, dist):
+    """Greedy generations of every request (this rank's share of batches) and how many ran into the engine's
+    context end. ``batch_size`` None: upft.sampling.batch_size, else 16 rows at a time for the hf loop and
+    vLLM's part size for vLLM."""
+    backend = sampling.backend
+    default = HF_EVAL_BATCH if backend == "hf" else resolve_batch_size(None, backend)
+    batch_size = batch_size or sampling.batch_size or default
+    limits = {KIND: sampling.max_new_tokens}
+    length = engine_length(sampling, model, widest(requests), longest(requests, limits))
+    generated = generate_all(
         requests,
         cache,
-        lambda: load_eval_sampler(*arm, backend, batch_size, longest(requests, limits)),
+        lambda: load_sampler(model, sampling, length),
         sizes=call_sizes({KIND: batch_size}, backend, "dynamic"),
         limits=limits,
         options=GREEDY | options,
@@ -143,6 +170,7 @@ def greedy(requests, cache, arm: tuple, backend: str, batch_size, max_new_tokens
         dist=dist,
         desc=f"eval {cache.dir.parent.name}",
     )
+    return generated, report_context_cut(requests, generated.records, length)
 
 
 def eval_requests(chat: ChatFormat, texts: list[str], system_prompt: str | None) -> list[Prompt]:
@@ -239,20 +267,18 @@ def arm_name(model_path: str, adapter: str | None) -> str:
     return f"{slug}-{digest([str(model_path), str(adapter) if adapter else None])[:8]}"
 
 
-def eval_cache(
-    root: Path, model_path, adapter, chat: ChatFormat, path: Path, *, settings: dict, engine: list
-):
+def eval_cache(root: Path, model: TrainedModel, chat: ChatFormat, path: Path, *, settings: dict, sampling):
     """The generations' cache, keyed by model, adapter, prompt format, benchmark file, settings and engine."""
     meta = {
         "task": "eval",
-        "model": model_fingerprint(model_path),
-        "adapter": model_fingerprint(adapter) if adapter else None,
+        "model": model_fingerprint(model.base_model),
+        "adapter": model_fingerprint(model.adapter) if model.adapter else None,
         "chat": chat.key(),
         "benchmark": file_digest(path),
         **settings,
-        "engine": engine,
+        **context_key(sampling),
     }
-    return SampleCache(root, digest(meta), meta)
+    return engine_cache(root, meta, sampling)
 
 
 def _check_args(**values) -> None:
@@ -276,48 +302,6 @@ def load_tokenizer(model_path: str, adapter: str | None):
 
     source = adapter if adapter and (Path(adapter) / "tokenizer_config.json").exists() else model_path
     return AutoTokenizer.from_pretrained(source)
-
-
-def load_eval_sampler(model_path: str, adapter: str | None, backend: str, batch_size: int, max_model_len):
-    """The greedy sampler of one arm: the hf loop on the (merged) model, or vLLM on a merged copy."""
-    if backend == "hf":
-        return HFSampler(load_eval_model(model_path, adapter), running=batch_size)
-    if not adapter:
-        return VLLMSampler(model_path, SamplingConfig(backend="vllm"), max_model_len)
-    return MergedVLLMSampler(model_path, adapter, max_model_len)
-
-
-class MergedVLLMSampler(VLLMSampler):
-    """vLLM on the adapter merged into the base, as the hf loop evaluates it; the merged copy is written to a
-    temporary folder and deleted when the engine closes."""
-
-    def __init__(self, model_path: str, adapter: str, max_model_len: int):
-        self.folder = tempfile.mkdtemp(prefix="upft-merged-")
-        try:
-            merged = HFSampler(load_eval_model(model_path, adapter))
-            merged.model.save_pretrained(self.folder)
-            merged.close()
-            load_tokenizer(model_path, adapter).save_pretrained(self.folder)
-            super().__init__(self.folder, SamplingConfig(backend="vllm"), max_model_len)
-        except BaseException:
-            shutil.rmtree(self.folder, ignore_errors=True)
-            raise
-
-    def close(self) -> None:
-        super().close()
-        shutil.rmtree(self.folder, ignore_errors=True)
-
-
-def load_eval_model(model_path: str, adapter: str | None):
-    model = load_model(model_path, sampling_device())
-    if adapter:
-        try:
-            from peft import PeftModel
-        except ImportError as err:
-            raise ImportError("evaluating an adapter needs peft: pip install peft") from err
-        # Merged once, so generation runs at the base model's speed.
-        model = PeftModel.from_pretrained(model, adapter).merge_and_unload().eval()
-    return model
 
 
 def grade(

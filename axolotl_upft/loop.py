@@ -82,6 +82,21 @@ def widths(requests: Sequence[Request]) -> dict[str, int]:
     return out
 
 
+def widest(requests: Sequence[Request]) -> int:
+    """The longest prompt of any request."""
+    return max(len(r.prompt_ids) for r in requests)
+
+
+def context_cut(requests: Sequence[Request], records: dict[int, Record], length: int | None) -> int:
+    """Generations that ran into the end of an engine context of `length` positions before a stop id."""
+    if length is None:
+        return 0
+    return sum(
+        not records[r.index].stopped and len(r.prompt_ids) + len(records[r.index].ids) >= length
+        for r in requests
+    )
+
+
 def longest(requests: Sequence[Request], limits: dict[str, int]) -> int:
     """The longest prompt + generation of any request: what an engine's context must hold."""
     return max(len(r.prompt_ids) + limits[r.kind] for r in requests)

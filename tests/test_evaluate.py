@@ -154,14 +154,14 @@ def test_questions_are_sharded_by_batch_across_ranks_and_rank_zero_merges(
     model_dir, tmp_path, calls, monkeypatch
 ):
     barrier, loading = threading.Barrier(2, timeout=120), threading.Lock()
-    real_load = ev.load_eval_model
+    real_load = generation.load_model
 
     def load_one_at_a_time(*args):
         # Ranks are threads here; from_pretrained is not thread-safe (real ranks are processes).
         with loading:
             return real_load(*args)
 
-    monkeypatch.setattr(ev, "load_eval_model", load_one_at_a_time)
+    monkeypatch.setattr(generation, "load_model", load_one_at_a_time)
 
     class ThreadRank(Distributed):
         def barrier(self):
@@ -210,6 +210,15 @@ def test_an_adapter_is_merged_and_gets_its_own_table_row(model_dir, tmp_path, ca
     assert arm(tmp_path / "out", model_dir) != arm(tmp_path / "out", model_dir, adapter)
 
 
+def eval_model(model_dir: str, adapter: str | None):
+    """The model the hf loop evaluates: what the one sampler factory loads for (model, adapter)."""
+    from axolotl_upft.args import SamplingConfig
+    from axolotl_upft.trained import TrainedModel
+
+    model = TrainedModel(model_dir, adapter)
+    return generation.load_sampler(model, generation.resolve_sampling(SamplingConfig(), model)).model
+
+
 def test_the_eval_model_with_an_adapter_has_the_peft_models_logits_not_the_bases(model_dir, tmp_path):
     import torch
     from peft import LoraConfig, PeftModel, get_peft_model
@@ -220,8 +229,8 @@ def test_the_eval_model_with_an_adapter_has_the_peft_models_logits_not_the_bases
     get_peft_model(AutoModelForCausalLM.from_pretrained(model_dir), config).save_pretrained(adapter)
     ids = torch.tensor([[4, 5, 6, 7, 8, 9]])
     with torch.no_grad():
-        merged = ev.load_eval_model(model_dir, str(adapter))(input_ids=ids).logits
-        base = ev.load_eval_model(model_dir, None)(input_ids=ids).logits
+        merged = eval_model(model_dir, str(adapter))(input_ids=ids).logits
+        base = eval_model(model_dir, None)(input_ids=ids).logits
         peft = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(model_dir), adapter)
         unmerged = peft.eval()(input_ids=ids).logits
     torch.testing.assert_close(merged, unmerged, atol=1e-4, rtol=1e-4)
