@@ -31,6 +31,7 @@ from .selfsample import (
     sampling_settings,
     stop_ids,
 )
+from .trained import TrainedModel
 
 LOG = logging.getLogger(__name__)
 K_BOUNDS = (8, 128)
@@ -268,7 +269,7 @@ def sample(
         "sampling": settings,
         "stop_ids": sorted(stops),
         "requests": digest([ids_digest(r.prompt_ids) for r in requests]),
-        "engine": engine_key(sampling.backend, sampling.dtype),
+        "engine": engine_key(sampling.backend, sampling.dtype, model_path),
     }
     cache = SampleCache(out / "parts", digest(meta), meta)
     cache.open()
@@ -276,7 +277,7 @@ def sample(
     generated = generate_all(
         requests,
         cache,
-        lambda: load_sampler(model_path, sampling, longest(requests, limits)),
+        lambda: load_sampler(TrainedModel(model_path), sampling, longest(requests, limits)),
         sizes=call_sizes({KIND: settings["batch_size"]}, resolve_backend(sampling.backend), "dynamic"),
         limits=limits,
         options=sampling_options(settings, stops, pad_token_id(tokenizer)),

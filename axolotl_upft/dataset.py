@@ -16,6 +16,7 @@ from .grading import is_correct
 from .prompts import ChatFormat, check_tokenizer, pad_token_id
 from .rows import FULL, Row, full_row, prefix_row
 from .selfsample import Question, open_cache, prepare_questions, sample_questions
+from .trained import TrainedModel
 
 LOG = logging.getLogger(__name__)
 SAMPLES_DIR = "upft_samples_dir"
@@ -130,16 +131,15 @@ def sample_and_build(dataset, tokenizer, cfg, upft: UPFTConfig, ds_cfg=None) -> 
     questions = prepare_questions(dataset, chat, upft)
     groups = group_by_row(questions)
     prompts = training_prompts(groups, chat, upft, sequence_len)
-    cache, settings, stops = open_cache(
-        str(upft.sample_cache_root(cfg)), cfg.base_model, chat, upft, questions
-    )
+    model = TrainedModel.from_cfg(cfg, upft.sampling)
+    cache, settings, stops = open_cache(str(upft.sample_cache_root(cfg)), model, chat, upft, questions)
     records = sample_questions(
         questions,
         cache,
         upft=upft,
         settings=settings,
         stops=stops,
-        load_model=lambda max_model_len: load_sampler(cfg.base_model, upft.sampling, max_model_len),
+        load_model=lambda max_model_len: load_sampler(model, upft.sampling, max_model_len),
         pad_id=pad_token_id(tokenizer),
         base_model=cfg.base_model,
         dist=Distributed.from_cfg(cfg),

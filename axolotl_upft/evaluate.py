@@ -90,7 +90,7 @@ def evaluate(
         chat,
         path,
         settings=settings,
-        engine=engine_key(backend, "auto"),
+        engine=engine_key(backend, "auto", model_path),
     )
     if dist.rank == 0:
         cache.open()

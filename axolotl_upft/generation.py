@@ -14,6 +14,7 @@ from transformers import GenerationConfig, LogitsProcessorList
 from .cache import weight_files
 from .decoding import decode_pool, left_pad
 from .rows import FULL, PREFIX, cut_at_stop
+from .trained import TrainedModel, model_config
 
 LOG = logging.getLogger(__name__)
 AUTO_BATCH = {"cuda": 256, "cpu": 16}  # full-trace batches; on a GPU also capped by what fits in memory
@@ -45,10 +46,26 @@ def resolve_backend(backend: str) -> str:
     return backend
 
 
-def resolve_dtype(dtype: str) -> str:
+def resolve_dtype(dtype: str, base_model: str | None = None) -> str:
+    """auto: float32 on CPU; on a GPU the model's torch_dtype in 16 bits (a float32 checkpoint samples in
+    bfloat16, as vLLM's auto), float16 where the GPU lacks bfloat16."""
     if dtype != "auto":
         return dtype
-    return "bfloat16" if sampling_device().type == "cuda" else "float32"
+    if sampling_device().type != "cuda":
+        return "float32"
+    if saved_dtype(base_model) == "float16" or not torch.cuda.is_bf16_supported():
+        return "float16"
+    return "bfloat16"
+
+
+def saved_dtype(base_model: str | None) -> str | None:
+    """config.json's torch_dtype (transformers 5 writes `dtype`), or None when the config is out of reach."""
+    try:
+        config = model_config(base_model) if base_model else {}
+    except OSError:
+        return None
+    config = config.get("text_config") or config
+    return config.get("dtype") or config.get("torch_dtype")
 
 
 def resolve_batch_size(batch_size: int | None, backend: str) -> int:
@@ -122,17 +139,76 @@ def pad_width(width: int, cache_implementation: str) -> int:
     return -(-width // STATIC_WIDTH) * STATIC_WIDTH
 
 
-def load_model(base_model: str, device: torch.device, dtype: str = "auto", **kwargs):
+def bnb_config(quantization: str, dtype: torch.dtype):
+    """bitsandbytes settings of a model loaded without an Axolotl cfg: those of Axolotl's QLoRA (nf4, double
+    quantization) and 8-bit LoRA. With a cfg, Axolotl's loader builds its own (bnb_config_kwargs and all)."""
+    from transformers import BitsAndBytesConfig
+
+    if quantization == "bnb-8bit":
+        return BitsAndBytesConfig(load_in_8bit=True)
+    return BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type="nf4",
+        bnb_4bit_use_double_quant=True,
+        bnb_4bit_compute_dtype=dtype,
+    )
+
+
+def load_model(
+    base_model: str,
+    device: torch.device,
+    dtype: str = "auto",
+    *,
+    adapter: str | None = None,
+    quantization: str | None = None,
+    **kwargs,
+):
+    """`base_model` with transformers (bitsandbytes for bnb-4bit / bnb-8bit; a pre-quantized checkpoint in
+    its own method), plus PEFT's `adapter` on top, unmerged."""
     from transformers import AutoModelForCausalLM
 
-    dtype = getattr(torch, resolve_dtype(dtype))
-    LOG.info("UPFT: loading %s on %s (%s) for self-sampling", base_model, device, dtype)
+    dtype = getattr(torch, resolve_dtype(dtype, base_model))
+    LOG.info("UPFT: loading %s on %s (%s, %s) for self-sampling", base_model, device, dtype, quantization)
+    if quantization is not None:
+        kwargs["device_map"] = {"": device}
+    if quantization in ("bnb-4bit", "bnb-8bit"):
+        kwargs["quantization_config"] = bnb_config(quantization, dtype)
     model = AutoModelForCausalLM.from_pretrained(base_model, dtype=dtype, **kwargs)
+    if adapter:
+        from peft import PeftModel
+
+        model = PeftModel.from_pretrained(model, adapter)
+    return ready(model, device)
+
+
+def load_axolotl_model(model: TrainedModel, dtype: str):
+    """The model Axolotl's loader builds for training, as `axolotl inference` loads it: its quantization
+    (BitsAndBytesConfig, GPTQ, model_quantization_config), attention, patches and plugins, and the adapter
+    of lora_model_dir. Weights and compute in `dtype` (upft.sampling.dtype, resolved)."""
+    from axolotl.loaders import ModelLoader, load_tokenizer
+    from axolotl.utils.dict import DictDefault
+
+    cfg = DictDefault({**model.cfg, "torch_dtype": getattr(torch, resolve_dtype(dtype, model.base_model))})
+    LOG.info(
+        "UPFT: loading %s through Axolotl's loader for self-sampling (%s, %s, adapter %s)",
+        model.base_model,
+        cfg.torch_dtype,
+        model.quantization or "16-bit",
+        model.adapter,
+    )
+    loaded, _ = ModelLoader(cfg, load_tokenizer(cfg), inference=True).load()
+    return loaded
+
+
+def ready(model, device: torch.device):
+    """`model` in eval mode on `device` (unless a device map placed it), with a blank generation config."""
     # `generate` fills every option a call leaves unset from generation_config.json (no_repeat_ngram_size,
     # suppress_tokens, bad_words_ids, sequence_bias, ...). A blank config leaves transformers' neutral
     # defaults, so only what each call passes (upft.sampling) shapes the draw, as with vLLM.
     model.generation_config = GenerationConfig()
-    return model.to(device).eval()
+    if getattr(model, "hf_device_map", None) is None:
+        model = model.to(device)
+    return model.eval()
 
 
 NUCLEUS_CANDIDATES = 1024  # top-p without top-k looks for the nucleus among this many top tokens first
@@ -314,14 +390,27 @@ class HFSampler:
         self.running = running
 
     @classmethod
-    def load(
-        cls, base_model: str, cache_implementation: str = "dynamic", running=None, dtype: str = "auto"
-    ) -> "HFSampler":
-        return cls(load_model(base_model, sampling_device(), dtype), cache_implementation, running)
+    def load(cls, model: TrainedModel, sampling, running: int | None = None) -> "HFSampler":
+        """`model` as trained: through Axolotl's loader when it carries a cfg, else transformers + PEFT."""
+        device = sampling_device()
+        if model.cfg is not None:
+            loaded = ready(load_axolotl_model(model, sampling.dtype), device)
+        else:
+            loaded = load_model(
+                model.base_model,
+                device,
+                sampling.dtype,
+                adapter=model.adapter,
+                quantization=model.quantization,
+            )
+        return cls(loaded, sampling.cache_implementation, running)
 
     def close(self) -> None:
-        """Free the model's memory before training loads its own copy."""
+        """Free the model (PEFT wrapper and quantized weights included), the graphs compiled for a static
+        cache, and the CUDA cache, before training loads its own copy."""
         self.model = None
+        if self.cache_implementation == "static":
+            torch._dynamo.reset()  # compiled graphs hold the weights they were traced with
         gc.collect()
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
@@ -340,15 +429,18 @@ class HFSampler:
         except torch.cuda.OutOfMemoryError:
             if len(prompts) == 1:
                 raise
-            torch.cuda.empty_cache()
-            half = len(prompts) // 2
-            LOG.warning(
-                "UPFT: batch of %d ran out of GPU memory; splitting it (set upft.sampling.batch_size)",
-                len(prompts),
-            )
-            return self.generate(prompts[:half], seed=seed + 1, **kwargs) + self.generate(
-                prompts[half:], seed=seed + 2, **kwargs
-            )
+        # Halved outside the `except` block (as accelerate's find_executable_batch_size): its traceback
+        # held the failed batch's tensors, KV cache included, alive under both halves.
+        gc.collect()
+        torch.cuda.empty_cache()
+        half = len(prompts) // 2
+        LOG.warning(
+            "UPFT: batch of %d ran out of GPU memory; splitting it (set upft.sampling.batch_size)",
+            len(prompts),
+        )
+        return self.generate(prompts[:half], seed=seed + 1, **kwargs) + self.generate(
+            prompts[half:], seed=seed + 2, **kwargs
+        )
 
 
 def vllm_sampling_params(
@@ -431,7 +523,7 @@ def engine_options(base_model: str, sampling, max_model_len: int | None) -> dict
     options = {
         "model": base_model,
         "tensor_parallel_size": sampling.tensor_parallel_size,
-        "dtype": resolve_dtype(sampling.dtype),
+        "dtype": resolve_dtype(sampling.dtype, base_model),
         # the model's generation_config.json sets no default, as in the hf backend
         "generation_config": "vllm",
         "max_model_len": sampling.max_model_len or max_model_len,
@@ -499,8 +591,9 @@ class VLLMSampler:
             multiprocessing.active_children()  # reaps the stopped engine process (no zombie left)
 
 
-def load_sampler(base_model: str, sampling, max_model_len: int | None = None):
-    """The sampler upft.sampling asks for; `max_model_len` is the run's longest prompt + generation."""
+def load_sampler(model: TrainedModel, sampling, max_model_len: int | None = None):
+    """The sampler upft.sampling asks for, on `model`; `max_model_len` is the run's longest prompt +
+    generation."""
     if resolve_backend(sampling.backend) == "vllm":
-        return VLLMSampler(base_model, sampling, max_model_len)
-    return HFSampler.load(base_model, sampling.cache_implementation, dtype=sampling.dtype)
+        return VLLMSampler(model.base_model, sampling, max_model_len)
+    return HFSampler.load(model, sampling)

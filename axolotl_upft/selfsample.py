@@ -12,6 +12,7 @@ from .distributed import Distributed
 from .loop import Generated, generate_all, longest, widths
 from .prompts import ChatFormat, question_text
 from .rows import FULL, PREFIX, question_kinds
+from .trained import TrainedModel
 
 LOG = logging.getLogger(__name__)
 RFT_SAMPLES = 16
@@ -118,13 +119,14 @@ def model_fingerprint(base_model: str) -> dict:
     }
 
 
-def engine_key(backend: str, dtype: str) -> list:
-    """What draws the tokens, for cache keys: the backend (with the hf loop's draw version) and the dtype.
-    The same seed draws other tokens on another engine, so caches never cross engines."""
+def engine_key(backend: str, dtype: str, base_model: str | None = None) -> list:
+    """What draws the tokens, for cache keys: the backend (with the hf loop's draw version) and the dtype
+    (auto resolved for `base_model`). The same seed draws other tokens on another engine, so caches never
+    cross engines."""
     from .generation import DRAW_VERSION, resolve_backend, resolve_dtype
 
     backend = resolve_backend(backend)
-    return [backend, DRAW_VERSION if backend == "hf" else None, resolve_dtype(dtype)]
+    return [backend, DRAW_VERSION if backend == "hf" else None, resolve_dtype(dtype, base_model)]
 
 
 def sampling_settings(s: SamplingConfig, generation_config: dict) -> dict:
@@ -139,14 +141,16 @@ def sampling_settings(s: SamplingConfig, generation_config: dict) -> dict:
 
 
 def open_cache(
-    cache_root: str, base_model: str, chat: ChatFormat, upft: UPFTConfig, questions: list[Question]
+    cache_root: str, model: TrainedModel, chat: ChatFormat, upft: UPFTConfig, questions: list[Question]
 ) -> tuple[SampleCache, dict, frozenset[int]]:
+    base_model = model.base_model
     generation_config = read_generation_config(base_model)
     settings = sampling_settings(upft.sampling, generation_config)
     stops = stop_ids(chat.tokenizer, generation_config, chat.end_ids)
     meta = {
-        "engine": engine_key(upft.sampling.backend, upft.sampling.dtype),
+        "engine": engine_key(upft.sampling.backend, upft.sampling.dtype, base_model),
         "model": model_fingerprint(base_model),
+        **model.key(),  # quantization and adapter
         "chat": chat.key(),
         "sampling": settings,
         "stop_ids": sorted(stops),

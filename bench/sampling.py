@@ -47,6 +47,7 @@ from axolotl_upft.loop import Prompt, plan_batches
 from axolotl_upft.prompts import chat_messages, pad_token_id, render_prompt_ids
 from axolotl_upft.rows import FULL, PREFIX, cut_at_stop, question_kinds
 from axolotl_upft.selfsample import read_generation_config, sampling_options, sampling_settings, stop_ids
+from axolotl_upft.trained import TrainedModel
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT.parent / "shared" / "data" / "gsm8k_test.jsonl"
@@ -115,7 +116,7 @@ def prefix_speed(args, prompts: list[list[int]], options: dict) -> dict:
         },
     )
     sizes = resolve_batch_sizes(upft.sampling, "hf", args.model, {PREFIX: args.width}, {PREFIX: args.k})
-    sampler = HFSampler.load(args.model, args.cache_implementation)
+    sampler = HFSampler.load(TrainedModel(args.model), upft.sampling)
     device_type = sampler.model.device.type
     if device_type == "cuda":
         torch.cuda.reset_peak_memory_stats()
@@ -330,7 +331,11 @@ def main(argv=None) -> dict:
     upft = UPFTConfig(
         prefix_length=args.k,
         structure_ratio=args.p,
-        sampling={"temperature": args.temperature, "max_new_tokens": args.max_new_tokens},
+        sampling={
+            "temperature": args.temperature,
+            "max_new_tokens": args.max_new_tokens,
+            "cache_implementation": args.cache_implementation,
+        },
     )
     generation_config = read_generation_config(args.model)
     settings = sampling_settings(upft.sampling, generation_config)
@@ -375,7 +380,7 @@ def main(argv=None) -> dict:
         return result
     kinds = question_kinds(len(texts), args.p, upft.seed)
     limits = {PREFIX: args.k, FULL: args.max_new_tokens}
-    sampler = HFSampler.load(args.model, args.cache_implementation)
+    sampler = HFSampler.load(TrainedModel(args.model), upft.sampling)
     sampler.generate(prompts[:2], max_new_tokens=2, seed=0, **options)  # warm-up
     sizes = {PREFIX: args.prefix_batch_size or args.batch_size, FULL: args.batch_size}
 
