@@ -1,10 +1,12 @@
 """Self-sampling backends, token ids in and out: the hf decode loop on transformers (hf) and vLLM (vllm)."""
 
+import ctypes
 import gc
 import importlib.util
 import json
 import logging
 import os
+from collections import Counter
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -62,7 +64,7 @@ def saved_dtype(base_model: str | None) -> str | None:
     """config.json's torch_dtype (transformers 5 writes `dtype`), or None when the config is out of reach."""
     try:
         config = model_config(base_model) if base_model else {}
-    except OSError:
+    except (OSError, ValueError):  # not downloaded, offline, or not a hub id
         return None
     config = config.get("text_config") or config
     return config.get("dtype") or config.get("torch_dtype")
@@ -198,6 +200,15 @@ def load_axolotl_model(model: TrainedModel, dtype: str):
     )
     loaded, _ = ModelLoader(cfg, load_tokenizer(cfg), inference=True).load()
     return loaded
+
+
+def describe(model) -> str:
+    """What was loaded, for the log: its class, the bitsandbytes layers that hold its weights, its size."""
+    layers = Counter(
+        type(m).__name__ for m in model.modules() if type(m).__module__.startswith("bitsandbytes")
+    )
+    held = ", ".join(f"{count} {name}" for name, count in layers.items()) or "no quantized layers"
+    return f"{type(model).__name__} ({held}; {model.get_memory_footprint() / 2**20:.1f} MiB)"
 
 
 def ready(model, device: torch.device):
@@ -378,6 +389,14 @@ def generate_static(
     return [cut_at_stop(row, stop_ids) for row in out[:, ids.shape[1] :].tolist()]
 
 
+def trim_host_memory() -> None:
+    """Hand freed host memory back to the OS: glibc keeps the many small blocks a load frees (a quantized
+    load makes thousands) in its heap, where the process's RSS still counts them."""
+    libc = ctypes.CDLL(None)
+    if hasattr(libc, "malloc_trim"):  # glibc; other C libraries return memory on their own terms
+        libc.malloc_trim(0)
+
+
 class HFSampler:
     """The hf decode loop (or `generate` with a static cache) on a loaded model. It decodes `running` rows
     at a time, by default a POOL-th of a call's prompts (`call_sizes`). A batch that runs out of GPU memory
@@ -403,6 +422,7 @@ class HFSampler:
                 adapter=model.adapter,
                 quantization=model.quantization,
             )
+        LOG.info("UPFT: sampling from %s", describe(loaded))
         return cls(loaded, sampling.cache_implementation, running)
 
     def close(self) -> None:
@@ -414,6 +434,7 @@ class HFSampler:
         gc.collect()
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
+        trim_host_memory()
 
     def generate(self, prompts: list[list[int]], *, seed: int, **kwargs) -> list[tuple[list[int], bool]]:
         try:

@@ -4,8 +4,8 @@ without vLLM. The real engine runs in test_vllm.py."""
 import os
 
 import pytest
+import tiny
 import torch
-from axolotl.utils.dict import DictDefault
 
 from axolotl_upft import generation
 from axolotl_upft.args import SamplingConfig, UPFTConfig
@@ -19,9 +19,7 @@ def run(questions, model, tokenizer, cache, backend):
         structure_ratio=0.25,
         sampling={"max_new_tokens": 12, "batch_size": 4, "backend": backend},
     )
-    return build_rows(
-        questions[:8], tokenizer, DictDefault({"base_model": str(model), "sequence_len": 256}), upft
-    )
+    return build_rows(questions[:8], tokenizer, tiny.axolotl_cfg(model), upft)
 
 
 def test_vllm_backend_without_vllm_names_the_extra_to_install(
@@ -67,6 +65,7 @@ def test_the_engine_options_default_to_what_runs_on_cpu_and_on_a_gpu(monkeypatch
         "unchunked, the longest prompt must fit in one step"
     )
     monkeypatch.setattr(generation, "sampling_device", lambda: torch.device("cuda", 0))
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *args, **kwargs: True)
     gpu = generation.engine_options("m", sampling, 300)
     assert (gpu["dtype"], gpu["enforce_eager"], "gpu_memory_utilization" in gpu) == ("bfloat16", False, False)
     assert "enable_chunked_prefill" not in gpu, "chunked prefill stays on where seeded requests survive it"

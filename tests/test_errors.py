@@ -1,7 +1,7 @@
 """Every bad input stops before any sampling, with an error that names the row, key and fix."""
 
 import pytest
-from axolotl.utils.dict import DictDefault
+import tiny
 from pydantic import ValidationError
 
 from axolotl_upft.args import UPFTConfig
@@ -9,7 +9,7 @@ from axolotl_upft.dataset import build_rows
 
 
 def run(rows, tokenizer, model, tmp_path, sequence_len=256, **upft):
-    cfg = DictDefault({"base_model": str(model), "sequence_len": sequence_len})
+    cfg = tiny.axolotl_cfg(model, sequence_len=sequence_len)
     upft = UPFTConfig(cache_dir=str(tmp_path / "samples"), **upft)
     return build_rows(rows, tokenizer, cfg, upft)
 

@@ -5,8 +5,8 @@ import threading
 import time
 
 import pytest
+import tiny
 import torch
-from axolotl.utils.dict import DictDefault
 
 from axolotl_upft import generation
 from axolotl_upft.args import UPFTConfig
@@ -68,7 +68,8 @@ def test_a_resumed_run_draws_the_samples_of_a_clean_run_with_memory_sized_batche
     upft = UPFTConfig(prefix_length=4, structure_ratio=0.25, sampling={"max_new_tokens": 12})
 
     def run(cache, dist):
-        cfg = DictDefault({"base_model": str(tiny_model), "sequence_len": 256, CFG_KEY: dist})
+        cfg = tiny.axolotl_cfg(tiny_model)
+        cfg[CFG_KEY] = dist
         return build_rows(
             questions[:16], tiny_tokenizer, cfg, upft.model_copy(update={"cache_dir": str(cache)})
         )
