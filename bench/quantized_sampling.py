@@ -48,6 +48,7 @@ def run_case(args) -> dict:
     model = TrainedModel(args.model, quantization=CASES[args.case])
     sampler = HFSampler.load(model, SamplingConfig(dtype=args.dtype), running=args.batch)
     loaded = time.perf_counter()
+    after_load = rss_bytes()  # on CPU the peak is the load (the 16-bit checkpoint is read whatever the case)
     options = {"stop_ids": frozenset(), "pad_id": pad_token_id(tokenizer), "temperature": 0}
     out = sampler.generate(prompts, seed=0, max_new_tokens=args.new_tokens, top_p=None, top_k=None, **options)
     seconds = time.perf_counter() - loaded
@@ -68,6 +69,7 @@ def run_case(args) -> dict:
     return result | {
         "peak_bytes": peak,
         "rss_before_load_bytes": before,
+        "rss_after_load_bytes": after_load,
         "peak_over_start_bytes": peak - before,
     }
 

@@ -120,7 +120,7 @@ def test_a_qlora_run_with_lora_model_dir_samples_greedily_from_its_4bit_base_plu
     config.write_text(config.read_text() + f"lora_model_dir: {random_adapter}\n")
     log = axolotl("preprocess", config)
     loaded = [line for line in log.splitlines() if "UPFT: sampling from" in line or "UPFT: loading" in line]
-    assert "from PeftModelForCausalLM (14 Linear4bit" in str(loaded), f"2 layers x 7 linears: {loaded}"
+    assert "(14 Linear4bit;" in str(loaded), f"2 layers x 7 linears, all 4-bit: {loaded}"
     (meta,) = (tmp_path / "samples").glob("*/meta.json")
     meta = json.loads(meta.read_text())
     assert meta["quantization"] == "bnb-4bit" and meta["adapter"]["path"] == str(random_adapter.resolve())
