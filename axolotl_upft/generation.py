@@ -215,8 +215,10 @@ def ready(model, device: torch.device):
     """`model` in eval mode on `device` (unless a device map placed it), with a blank generation config."""
     # `generate` fills every option a call leaves unset from generation_config.json (no_repeat_ngram_size,
     # suppress_tokens, bad_words_ids, sequence_bias, ...). A blank config leaves transformers' neutral
-    # defaults, so only what each call passes (upft.sampling) shapes the draw, as with vLLM.
-    model.generation_config = GenerationConfig()
+    # defaults, so only what each call passes (upft.sampling) shapes the draw, as with vLLM. A PEFT wrapper's
+    # `generate` reads its base model's.
+    unwrapped = model.get_base_model() if hasattr(model, "get_base_model") else model
+    unwrapped.generation_config = GenerationConfig()
     if getattr(model, "hf_device_map", None) is None:
         model = model.to(device)
     return model.eval()

@@ -15,6 +15,7 @@ from test_axolotl_e2e import axolotl, prepared_rows, write_config
 from axolotl_upft import generation
 from axolotl_upft.args import SamplingConfig
 from axolotl_upft.cache import SampleCache
+from axolotl_upft.generation import HFSampler
 from axolotl_upft.rows import IGNORE_INDEX, PREFIX
 from axolotl_upft.trained import TrainedModel
 
@@ -147,6 +148,24 @@ def test_a_qlora_run_with_lora_model_dir_samples_greedily_from_its_4bit_base_plu
         assert row["labels"][prompt:] == response, "every sampled id is trained on"
         tail = [eos] if records[i].kind == PREFIX and ids[-1] != eos else []
         assert response == ids + tail, f"question {i}: its row holds its sample (+ EOS for a prefix)"
+
+
+def test_without_a_cfg_the_sampler_loads_the_adapter_with_peft_on_top_of_the_base(
+    vllm_model, random_adapter, tiny_tokenizer
+):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    sampler = HFSampler.load(TrainedModel(str(vllm_model), adapter=str(random_adapter)), SamplingConfig())
+    eos = tiny_tokenizer.eos_token_id
+    prompts = [[5 + i, 6, 7, 8] for i in range(8)]
+    options = {"stop_ids": frozenset([eos]), "pad_id": 0, "temperature": 0, "top_p": None, "top_k": None}
+    sampled = [ids for ids, _ in sampler.generate(prompts, seed=0, max_new_tokens=4, **options)]
+    sampler.close()
+    base = AutoModelForCausalLM.from_pretrained(vllm_model).eval()
+    assert sampled != [greedy(base, p, 4, eos) for p in prompts], "the adapter changes the samples"
+    tuned = PeftModel.from_pretrained(base, random_adapter).eval()
+    assert sampled == [greedy(tuned, p, 4, eos) for p in prompts], "base + adapter, greedy"
 
 
 def test_the_sampler_gives_back_its_memory_for_a_16bit_and_a_4bit_model(tmp_path, vllm_model, tiny_corpus):
