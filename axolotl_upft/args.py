@@ -66,7 +66,17 @@ class SamplingConfig(BaseModel):
         "With auto, a finished sample cache of the other backend for the same settings is reused.",
     )
     dtype: Literal["auto", "bfloat16", "float16", "float32"] = Field(
-        "auto", description="Weights and activations while sampling; auto: bfloat16 on a GPU, float32 on CPU."
+        "auto",
+        description="Weights and activations while sampling (a quantized model's compute dtype); auto: the "
+        "model's torch_dtype (config.json) on a GPU, float16 for bfloat16 where the GPU lacks it, "
+        "float32 on CPU.",
+    )
+    quantization: Literal["auto", "none", "bnb-4bit", "bnb-8bit"] = Field(
+        "auto",
+        description="Weights of the sampled model. auto: as training loads them (load_in_4bit, load_in_8bit, "
+        "gptq, model_quantization_config, or the checkpoint's own), so a QLoRA run samples from its 4-bit "
+        "model; none: 16-bit; bnb-4bit / bnb-8bit: bitsandbytes, in Axolotl's settings for an adapter "
+        "(qlora / lora) config. Off auto, samples come from another model than the one trained.",
     )
     tensor_parallel_size: int = Field(1, ge=1, description="GPUs per vLLM engine (vllm backend only).")
     gpu_memory_utilization: float | None = Field(

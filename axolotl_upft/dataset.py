@@ -131,11 +131,9 @@ def sample_and_build(dataset, tokenizer, cfg, upft: UPFTConfig, ds_cfg=None) -> 
     questions = prepare_questions(dataset, chat, upft)
     groups = group_by_row(questions)
     prompts = training_prompts(groups, chat, upft, sequence_len)
-    model = TrainedModel(cfg.base_model)
+    model = TrainedModel.from_cfg(cfg, upft.sampling)
     upft = upft.model_copy(update={"sampling": resolve_sampling(upft.sampling, model)})
-    cache, settings, stops = open_cache(
-        str(upft.sample_cache_root(cfg)), cfg.base_model, chat, upft, questions
-    )
+    cache, settings, stops = open_cache(str(upft.sample_cache_root(cfg)), model, chat, upft, questions)
     records = sample_questions(
         questions,
         cache,

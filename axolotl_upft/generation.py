@@ -1,10 +1,12 @@
 """Self-sampling backends, token ids in and out: the hf decode loop on transformers (hf) and vLLM (vllm)."""
 
+import ctypes
 import gc
 import importlib.util
 import json
 import os
 import typing
+from collections import Counter
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -14,9 +16,9 @@ from transformers import GenerationConfig, LogitsProcessorList
 from .cache import weight_files
 from .decoding import decode_pool, left_pad
 from .logs import get_logger
-from .memory import row_bytes
+from .memory import check_sampler_memory, device_memory, row_bytes, text_config
 from .rows import FULL, PREFIX, cut_at_stop
-from .trained import TrainedModel
+from .trained import TrainedModel, model_config
 
 LOG = get_logger(__name__)
 AUTO_BATCH = {"cuda": 256, "cpu": 16}  # full-trace batches; on a GPU also capped by what fits in memory
@@ -66,7 +68,9 @@ def resolve_sampling(sampling, model: TrainedModel):
     if reason:
         LOG.warning("UPFT: backend auto samples with the hf loop, not vLLM: %s", reason)
         backend = "hf"
-    resolved = sampling.model_copy(update={"backend": backend, "dtype": resolve_dtype(sampling.dtype)})
+    resolved = sampling.model_copy(
+        update={"backend": backend, "dtype": resolve_dtype(sampling.dtype, model.base_model)}
+    )
     resolved._auto = sampling.backend == "auto"
     return resolved
 
@@ -113,24 +117,40 @@ def lora_refusal(adapter: str) -> str | None:
     return None
 
 
-def model_config(base_model: str) -> dict:
+def local_config(base_model: str) -> dict:
     """A local model's config.json (its text model's part for multimodal ones); {} for a hub id."""
-    path = Path(base_model, "config.json")
-    config = json.loads(path.read_text()) if path.is_file() else {}
-    return config.get("text_config") or config
+    if not Path(base_model, "config.json").is_file():
+        return {}
+    return text_config(model_config(base_model))
 
 
 def head_size(base_model: str) -> int | None:
-    c = model_config(base_model)
+    c = local_config(base_model)
     if "hidden_size" not in c or "num_attention_heads" not in c:
         return None
     return c.get("head_dim") or c["hidden_size"] // c["num_attention_heads"]
 
 
-def resolve_dtype(dtype: str) -> str:
+def resolve_dtype(dtype: str, base_model: str | None = None) -> str:
+    """auto: float32 on CPU; on a GPU the model's torch_dtype in 16 bits (a float32 checkpoint samples in
+    bfloat16, as vLLM's auto), float16 where the GPU lacks bfloat16."""
     if dtype != "auto":
         return dtype
-    return "bfloat16" if sampling_device().type == "cuda" else "float32"
+    if sampling_device().type != "cuda":
+        return "float32"
+    if saved_dtype(base_model) == "float16" or not torch.cuda.is_bf16_supported():
+        return "float16"
+    return "bfloat16"
+
+
+def saved_dtype(base_model: str | None) -> str | None:
+    """config.json's torch_dtype (transformers 5 writes `dtype`), or None when the config is out of reach."""
+    try:
+        config = model_config(base_model) if base_model else {}
+    except (OSError, ValueError):  # not downloaded, offline, or not a hub id
+        return None
+    config = config.get("text_config") or config
+    return config.get("dtype") or config.get("torch_dtype")
 
 
 def resolve_batch_size(batch_size: int | None, backend: str) -> int:
@@ -191,7 +211,7 @@ def engine_length(sampling, model: TrainedModel, longest_prompt: int, longest_to
     """The context of the engine that samples (vLLM's max_model_len; None for the hf loop), checked against
     the longest prompt before anything loads: upft.sampling.max_model_len, else the run's longest prompt +
     generation, within the model's context (max_position_embeddings), where generation then stops."""
-    context = model_config(model.base_model).get("max_position_embeddings")
+    context = local_config(model.base_model).get("max_position_embeddings")
     if context and longest_prompt >= context:
         raise ValueError(
             f"the longest prompt is {longest_prompt} tokens, but {model.base_model} holds {context} "
@@ -222,17 +242,87 @@ def pad_width(width: int, cache_implementation: str) -> int:
     return -(-width // STATIC_WIDTH) * STATIC_WIDTH
 
 
-def load_model(base_model: str, device: torch.device, dtype: str = "auto", **kwargs):
+def bnb_config(quantization: str, dtype: torch.dtype):
+    """bitsandbytes settings of a model loaded without an Axolotl cfg: those of Axolotl's QLoRA (nf4, double
+    quantization) and 8-bit LoRA. With a cfg, Axolotl's loader builds its own (bnb_config_kwargs and all)."""
+    from transformers import BitsAndBytesConfig
+
+    if quantization == "bnb-8bit":
+        return BitsAndBytesConfig(load_in_8bit=True)
+    return BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type="nf4",
+        bnb_4bit_use_double_quant=True,
+        bnb_4bit_compute_dtype=dtype,
+    )
+
+
+def load_model(
+    base_model: str,
+    device: torch.device,
+    dtype: str = "auto",
+    *,
+    adapter: str | None = None,
+    quantization: str | None = None,
+    **kwargs,
+):
+    """`base_model` with transformers (bitsandbytes for bnb-4bit / bnb-8bit; a pre-quantized checkpoint in
+    its own method), plus PEFT's `adapter` on top, unmerged."""
     from transformers import AutoModelForCausalLM
 
-    dtype = getattr(torch, resolve_dtype(dtype))
-    LOG.info("UPFT: loading %s on %s (%s) for self-sampling", base_model, device, dtype)
+    dtype = getattr(torch, resolve_dtype(dtype, base_model))
+    LOG.info("UPFT: loading %s on %s (%s, %s) for self-sampling", base_model, device, dtype, quantization)
+    if quantization is not None:
+        kwargs["device_map"] = {"": device}
+    if quantization in ("bnb-4bit", "bnb-8bit"):
+        kwargs["quantization_config"] = bnb_config(quantization, dtype)
     model = AutoModelForCausalLM.from_pretrained(base_model, dtype=dtype, **kwargs)
+    if adapter:
+        from peft import PeftModel
+
+        model = PeftModel.from_pretrained(model, adapter)
+    return ready(model, device)
+
+
+def load_axolotl_model(model: TrainedModel, dtype: str):
+    """The model Axolotl's loader builds for training, as `axolotl inference` loads it: its quantization
+    (BitsAndBytesConfig, GPTQ, model_quantization_config), attention, patches and plugins, and the adapter
+    of lora_model_dir. Weights and compute in `dtype` (upft.sampling.dtype, resolved)."""
+    from axolotl.loaders import ModelLoader, load_tokenizer
+    from axolotl.utils.dict import DictDefault
+
+    cfg = DictDefault({**model.cfg, "torch_dtype": getattr(torch, resolve_dtype(dtype, model.base_model))})
+    LOG.info(
+        "UPFT: loading %s through Axolotl's loader for self-sampling (%s, %s, adapter %s)",
+        model.base_model,
+        cfg.torch_dtype,
+        model.quantization or "16-bit",
+        model.adapter,
+    )
+    loaded, _ = ModelLoader(cfg, load_tokenizer(cfg), inference=True).load()
+    return loaded
+
+
+def describe(model) -> str:
+    """What was loaded, for the log: its class, the bitsandbytes layers that hold its weights, its size."""
+    layers = Counter(
+        type(m).__name__ for m in model.modules() if type(m).__module__.startswith("bitsandbytes")
+    )
+    held = ", ".join(f"{count} {name}" for name, count in layers.items()) or "no quantized layers"
+    return f"{type(model).__name__} ({held}; {model.get_memory_footprint() / 2**20:.1f} MiB)"
+
+
+def ready(model, device: torch.device):
+    """`model` in eval mode on `device` (unless a device map placed it), with a blank generation config."""
     # `generate` fills every option a call leaves unset from generation_config.json (no_repeat_ngram_size,
     # suppress_tokens, bad_words_ids, sequence_bias, ...). A blank config leaves transformers' neutral
-    # defaults, so only what each call passes (upft.sampling) shapes the draw, as with vLLM.
-    model.generation_config = GenerationConfig()
-    return model.to(device).eval()
+    # defaults, so only what each call passes (upft.sampling) shapes the draw, as with vLLM. A PEFT wrapper's
+    # `generate` reads its base model's.
+    unwrapped = model.get_base_model() if hasattr(model, "get_base_model") else model
+    unwrapped.generation_config = GenerationConfig()
+    if getattr(model, "hf_device_map", None) is None:
+        model = model.to(device)
+    return model.eval()
 
 
 def with_adapter(model, adapter: str | None):
@@ -413,6 +503,14 @@ def generate_static(
     return [cut_at_stop(row, stop_ids) for row in out[:, ids.shape[1] :].tolist()]
 
 
+def trim_host_memory() -> None:
+    """Hand freed host memory back to the OS: glibc keeps the many small blocks a load frees (a quantized
+    load makes thousands) in its heap, where the process's RSS still counts them."""
+    libc = ctypes.CDLL(None)
+    if hasattr(libc, "malloc_trim"):  # glibc; other C libraries return memory on their own terms
+        libc.malloc_trim(0)
+
+
 class HFSampler:
     """The hf decode loop (or `generate` with a static cache) on a loaded model. It decodes `running` rows
     at a time, by default a POOL-th of a call's prompts (`call_sizes`). A batch that runs out of GPU memory
@@ -425,16 +523,32 @@ class HFSampler:
         self.running = running
 
     @classmethod
-    def load(cls, model: TrainedModel, sampling) -> "HFSampler":
-        loaded = load_model(model.base_model, sampling_device(), sampling.dtype)
-        return cls(with_adapter(loaded, model.adapter), sampling.cache_implementation)
+    def load(cls, model: TrainedModel, sampling, running: int | None = None) -> "HFSampler":
+        """`model` as trained: through Axolotl's loader when it carries a cfg, else transformers + PEFT."""
+        device = sampling_device()
+        if model.cfg is not None:
+            loaded = ready(load_axolotl_model(model, sampling.dtype), device)
+        else:
+            loaded = load_model(
+                model.base_model,
+                device,
+                sampling.dtype,
+                adapter=model.adapter,
+                quantization=model.quantization,
+            )
+        LOG.info("UPFT: sampling from %s", describe(loaded))
+        return cls(loaded, sampling.cache_implementation, running)
 
     def close(self) -> None:
-        """Free the model's memory before training loads its own copy."""
+        """Free the model (PEFT wrapper and quantized weights included), the graphs compiled for a static
+        cache, and the CUDA cache, before training loads its own copy."""
         self.model = None
+        if self.cache_implementation == "static":
+            torch._dynamo.reset()  # compiled graphs hold the weights they were traced with
         gc.collect()
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
+        trim_host_memory()
 
     def generate(self, prompts: list[list[int]], *, seed: int, **kwargs) -> list[tuple[list[int], bool]]:
         try:
@@ -450,15 +564,18 @@ class HFSampler:
         except torch.cuda.OutOfMemoryError:
             if len(prompts) == 1:
                 raise
-            torch.cuda.empty_cache()
-            half = len(prompts) // 2
-            LOG.warning(
-                "UPFT: batch of %d ran out of GPU memory; splitting it (set upft.sampling.batch_size)",
-                len(prompts),
-            )
-            return self.generate(prompts[:half], seed=seed + 1, **kwargs) + self.generate(
-                prompts[half:], seed=seed + 2, **kwargs
-            )
+        # Halved outside the `except` block (as accelerate's find_executable_batch_size): its traceback
+        # held the failed batch's tensors, KV cache included, alive under both halves.
+        gc.collect()
+        torch.cuda.empty_cache()
+        half = len(prompts) // 2
+        LOG.warning(
+            "UPFT: batch of %d ran out of GPU memory; splitting it (set upft.sampling.batch_size)",
+            len(prompts),
+        )
+        return self.generate(prompts[:half], seed=seed + 1, **kwargs) + self.generate(
+            prompts[half:], seed=seed + 2, **kwargs
+        )
 
 
 def vllm_sampling_params(
@@ -627,6 +744,31 @@ class VLLMSampler:
             multiprocessing.active_children()  # reaps the stopped engine process (no zombie left)
 
 
+WEIGHT_BITS = {"bnb-4bit": 4, "bnb-8bit": 8}  # other checkpoints' own methods are counted as bnb 4-bit
+
+
+def check_memory(model: TrainedModel, sampling, max_model_len: int | None) -> None:
+    """Before anything loads on a GPU: the weights, one sequence of vLLM's context and its share must
+    fit in the device's free memory (memory.check_sampler_memory names the keys that fix it). Larger hf
+    batches are sized from memory (`memory_fits`) and halved on out-of-memory; vLLM schedules its own."""
+    free_total = device_memory()
+    config = local_config(model.base_model)
+    if free_total is None or "hidden_size" not in config:
+        return
+    check_sampler_memory(
+        config,
+        model=model.base_model,
+        weight_bits=WEIGHT_BITS.get(model.quantization, 4 if model.quantization else 16),
+        rows=1,
+        context=max_model_len or 1,  # the hf loop's batches are sized and halved by memory on their own
+        backend=sampling.backend,
+        free_bytes=free_total[0],
+        total_bytes=free_total[1],
+        tensor_parallel_size=sampling.tensor_parallel_size if sampling.backend == "vllm" else 1,
+        gpu_memory_utilization=sampling.gpu_memory_utilization,
+    )
+
+
 class EngineRefused(ValueError):
     """vLLM's engine would not start (or take its first step) on the model with these settings."""
 
@@ -635,6 +777,7 @@ def load_sampler(model: TrainedModel, sampling, max_model_len: int | None = None
     """The one sampler factory of sampling, eval and analyze, from upft.sampling resolved once
     (`resolve_sampling`); `max_model_len` is `engine_length`'s. With `backend: auto`, an engine that refuses
     the model at start falls back to the hf loop with one log line; `backend: vllm` keeps the error."""
+    check_memory(model, sampling, max_model_len)
     if sampling.backend == "vllm":
         try:
             return VLLMSampler(model, sampling, max_model_len)

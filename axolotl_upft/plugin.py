@@ -37,14 +37,16 @@ class UPFTPlugin(BasePlugin):
         shared.DATASET_HASH_CONFIG_EXTRA_FIELDS = shared.DATASET_HASH_CONFIG_EXTRA_FIELDS + missing
 
     def load_datasets(self, cfg, preprocess: bool = False):
-        """Runs before Axolotl hashes and loads the data: the model's fingerprint (the sample cache
-        key's files, sizes and dates, or a hub id's revision) joins the hash, so changed weights
-        rebuild the rows."""
+        """Runs before Axolotl hashes and loads the data: the sampled model's identity (the sample cache
+        key's files, sizes and dates, or a hub id's revision; its quantization and adapter) joins the
+        hash, so changed weights rebuild the rows."""
         check_inputs(cfg)
         if cfg.get("upft") is not None:
             from .selfsample import model_fingerprint
+            from .trained import TrainedModel
 
-            cfg["upft_model"] = model_fingerprint(cfg.base_model)
+            sampled = TrainedModel.from_cfg(cfg, UPFTConfig.from_cfg(cfg).sampling)
+            cfg["upft_model"] = {"model": model_fingerprint(cfg.base_model), **sampled.key()}
 
     def get_trainer_cls(self, cfg):
         """`upft.loss_normalization: sample` (the default): every row weighs the same, as at micro-batch 1."""

@@ -173,13 +173,15 @@ def sampling_settings(s: SamplingConfig, generation_config: dict) -> dict:
 
 
 def open_cache(
-    cache_root: str, base_model: str, chat: ChatFormat, upft: UPFTConfig, questions: list[Question]
+    cache_root: str, model: TrainedModel, chat: ChatFormat, upft: UPFTConfig, questions: list[Question]
 ) -> tuple[SampleCache, dict, frozenset[int]]:
+    base_model = model.base_model
     generation_config = read_generation_config(base_model)
     settings = sampling_settings(upft.sampling, generation_config)
     stops = stop_ids(chat.tokenizer, generation_config, chat.end_ids)
     meta = {
         "model": model_fingerprint(base_model),
+        **model.key(),  # quantization and adapter
         "chat": chat.key(),
         "sampling": settings,
         "stop_ids": sorted(stops),

@@ -339,7 +339,11 @@ def main(argv=None) -> dict:
     upft = UPFTConfig(
         prefix_length=args.k,
         structure_ratio=args.p,
-        sampling={"temperature": args.temperature, "max_new_tokens": args.max_new_tokens},
+        sampling={
+            "temperature": args.temperature,
+            "max_new_tokens": args.max_new_tokens,
+            "cache_implementation": args.cache_implementation,
+        },
     )
     generation_config = read_generation_config(args.model)
     settings = sampling_settings(upft.sampling, generation_config)

@@ -4,8 +4,8 @@ without vLLM. The real engine runs in test_vllm.py."""
 import os
 
 import pytest
+import tiny
 import torch
-from axolotl.utils.dict import DictDefault
 
 from axolotl_upft import generation
 from axolotl_upft.args import SamplingConfig, UPFTConfig
@@ -20,9 +20,7 @@ def run(questions, model, tokenizer, cache, backend):
         structure_ratio=0.25,
         sampling={"max_new_tokens": 12, "batch_size": 4, "backend": backend},
     )
-    return build_rows(
-        questions[:8], tokenizer, DictDefault({"base_model": str(model), "sequence_len": 256}), upft
-    )
+    return build_rows(questions[:8], tokenizer, tiny.axolotl_cfg(model), upft)
 
 
 def test_vllm_backend_without_vllm_names_the_extra_to_install(

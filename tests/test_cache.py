@@ -3,6 +3,7 @@
 import json
 
 import pytest
+import tiny
 from axolotl.utils.dict import DictDefault
 
 from axolotl_upft import generation
@@ -34,7 +35,7 @@ def run(questions, model, tokenizer, cache, **upft):
         "structure_ratio": 0.25,
         "sampling": {"max_new_tokens": 12, "batch_size": 4},
     } | upft
-    cfg = DictDefault({"base_model": str(model), "sequence_len": 256})
+    cfg = tiny.axolotl_cfg(model)
     return build_rows(questions[:16], tokenizer, cfg, UPFTConfig(cache_dir=str(cache), **upft))
 
 

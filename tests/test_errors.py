@@ -6,6 +6,7 @@ import shutil
 import subprocess
 
 import pytest
+import tiny
 import yaml
 from axolotl.utils.dict import DictDefault
 from pydantic import ValidationError
@@ -19,7 +20,7 @@ from axolotl_upft.prompts import question_text
 
 
 def run(rows, tokenizer, model, tmp_path, sequence_len=256, **upft):
-    cfg = DictDefault({"base_model": str(model), "sequence_len": sequence_len})
+    cfg = tiny.axolotl_cfg(model, sequence_len=sequence_len)
     upft = UPFTConfig(cache_dir=str(tmp_path / "samples"), **upft)
     return build_rows(rows, tokenizer, cfg, upft)
 

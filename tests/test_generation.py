@@ -3,8 +3,8 @@
 import json
 
 import pytest
+import tiny
 import torch
-from axolotl.utils.dict import DictDefault
 
 from axolotl_upft import generation
 from axolotl_upft.args import UPFTConfig
@@ -123,7 +123,7 @@ def test_prefix_batch_size_and_static_cache_reach_the_sampler_through_the_upft_b
     rows = build_rows(
         questions[:12],
         tiny_tokenizer,
-        DictDefault({"base_model": str(tiny_model), "sequence_len": 256}),
+        tiny.axolotl_cfg(tiny_model),
         upft,
     )
     assert len(rows) == 12

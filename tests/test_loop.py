@@ -1,12 +1,13 @@
 """The one generation loop: batch plans, seeds, and resume that draws exactly the samples of a clean run."""
 
 import json
+import sys
 import threading
 import time
 
 import pytest
+import tiny
 import torch
-from axolotl.utils.dict import DictDefault
 
 from axolotl_upft import generation
 from axolotl_upft.args import UPFTConfig
@@ -68,7 +69,8 @@ def test_a_resumed_run_draws_the_samples_of_a_clean_run_with_memory_sized_batche
     upft = UPFTConfig(prefix_length=4, structure_ratio=0.25, sampling={"max_new_tokens": 12})
 
     def run(cache, dist):
-        cfg = DictDefault({"base_model": str(tiny_model), "sequence_len": 256, CFG_KEY: dist})
+        cfg = tiny.axolotl_cfg(tiny_model)
+        cfg[CFG_KEY] = dist
         return build_rows(
             questions[:16], tiny_tokenizer, cfg, upft.model_copy(update={"cache_dir": str(cache)})
         )
@@ -91,6 +93,8 @@ def test_a_batch_halved_after_running_out_of_memory_is_seeded_the_same_on_every_
     def generate_batch(model, prompts, *, seed, **kwargs):
         if len(prompts) > 2:
             raise torch.cuda.OutOfMemoryError("simulated")
+        # no exception being handled: its traceback would keep the failed batch's tensors alive
+        assert sys.exc_info()[0] is None, "the halves run outside the except block"
         seen.append((len(prompts), seed))
         return [([seed], True) for _ in prompts]
 

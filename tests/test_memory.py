@@ -1,6 +1,7 @@
 """The sampler's memory check, on the public config.json values of 8B, 32B and 70B models (no weights)."""
 
 import itertools
+import json
 import re
 
 import pytest
@@ -297,3 +298,28 @@ def test_device_memory_reads_the_cuda_device_and_is_none_without_one():
 def test_a_card_that_nothing_fits_says_so_instead_of_naming_a_fix_that_fails():
     message = refusal("Llama-3.1-70B", "16GB", backend="vllm", free=GIB)
     assert "To fit, free memory on the device or use a larger one (it does not fit even with " in message
+
+
+def test_the_sampler_factory_refuses_a_model_that_does_not_fit_before_loading_it(monkeypatch, vllm_model):
+    """load_sampler checks the free memory of the device before any weight loads; the device's free and
+    total memory are set here (no GPU on CPU machines), the model and the check are real."""
+    from axolotl_upft import generation
+    from axolotl_upft.args import SamplingConfig
+    from axolotl_upft.trained import TrainedModel
+
+    config = json.loads((vllm_model / "config.json").read_text())
+    need = {
+        bits: sampler_peak_bytes(config, weight_bits=bits, rows=1, context=64, backend="hf")["total"]
+        for bits in (4, 16)
+    }
+    assert need[4] < need[16]
+    free = (need[4] + need[16]) // 2
+    monkeypatch.setattr(generation, "device_memory", lambda: (free, 2 * need[16]))
+    loaded = []
+    monkeypatch.setattr(generation.HFSampler, "load", lambda *args: loaded.append(args))
+    model = TrainedModel(str(vllm_model))
+    sampling = generation.resolve_sampling(SamplingConfig(backend="hf"), model)
+    with pytest.raises(ValueError, match=r"upft\.sampling\.quantization"):
+        generation.load_sampler(model, sampling, 64)
+    generation.load_sampler(TrainedModel(str(vllm_model), quantization="bnb-4bit"), sampling, 64)
+    assert len(loaded) == 1, "the 4-bit model fits and loads; the 16-bit one stopped before loading"

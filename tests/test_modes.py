@@ -1,7 +1,7 @@
 """Baselines from the same YAML: sft (full self-traces), rft (keep a correct sample), upft + label_filter."""
 
 import pytest
-from axolotl.utils.dict import DictDefault
+import tiny
 
 from axolotl_upft import generation
 from axolotl_upft.args import UPFTConfig
@@ -45,7 +45,7 @@ def scripted(monkeypatch, tiny_tokenizer):
 
 
 def run(tokenizer, model, tmp_path, **upft):
-    cfg = DictDefault({"base_model": str(model), "sequence_len": 256})
+    cfg = tiny.axolotl_cfg(model)
     return build_rows(ROWS, tokenizer, cfg, UPFTConfig(cache_dir=str(tmp_path), num_samples=3, **upft))
 
 
@@ -88,7 +88,7 @@ def test_sft_trains_one_full_self_trace_per_question_without_the_instruction(
 def test_rft_where_no_question_has_a_correct_sample_is_an_error_not_an_empty_dataset(
     scripted, tiny_tokenizer, tiny_model, tmp_path
 ):
-    cfg = DictDefault({"base_model": str(tiny_model), "sequence_len": 256})
+    cfg = tiny.axolotl_cfg(tiny_model)
     upft = UPFTConfig(cache_dir=str(tmp_path), num_samples=3, mode="rft")
     with pytest.raises(ValueError, match=r"no question kept a correct sample \(num_samples=3\).*num_samples"):
         build_rows([ROWS[1]], tiny_tokenizer, cfg, upft)  # "eggs": 7, 8, 10 against the gold 9

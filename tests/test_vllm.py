@@ -14,8 +14,8 @@ import time
 from pathlib import Path
 
 import pytest
+import tiny
 import yaml
-from axolotl.utils.dict import DictDefault
 from test_axolotl_e2e import axolotl, prepared_rows, write_config
 from test_distributed import cache_files, free_port, run, torchrun
 
@@ -87,7 +87,8 @@ def test_vllm_rows_are_the_rows_the_hf_path_builds_from_the_same_samples(
     _, rows = prepared_rows(preprocessed.parent)
     cfg = yaml.safe_load(preprocessed.read_text())
     upft = UPFTConfig(**cfg["upft"] | {"cache_dir": str(tmp_path), "sampling": {"backend": "hf"}})
-    hf = build_rows(questions[:24], tiny_tokenizer, DictDefault(cfg), upft)
+    axolotl = {k: v for k, v in cfg.items() if k not in ("plugins", "upft")}
+    hf = build_rows(questions[:24], tiny_tokenizer, tiny.axolotl_cfg(cfg["base_model"], **axolotl), upft)
     samples = records(preprocessed)
     assert len(rows) == len(hf) == 24
     eos = tiny_tokenizer.eos_token_id

@@ -78,3 +78,27 @@ def build_model(
         eos_token_id=tokenizer.eos_token_id, do_sample=True, top_p=0.95, top_k=20
     ).save_pretrained(out)
     return out
+
+
+def axolotl_cfg(model: Path, **keys):
+    """The cfg `axolotl preprocess` hands a dataset strategy: validated and normalized by Axolotl, on CPU
+    precision; `keys` over a minimal LoRA-free config of `model`."""
+    import torch
+    from axolotl.utils.config import normalize_config, validate_config
+    from axolotl.utils.dict import DictDefault
+
+    raw = {
+        "base_model": str(model),
+        "datasets": [{"path": "questions.jsonl", "type": "alpaca"}],
+        "sequence_len": 256,
+        "micro_batch_size": 1,
+        "learning_rate": 1e-3,
+        "output_dir": "out",
+        "bf16": False,
+        "fp16": False,
+    } | keys
+    cpu = {"bf16": False, "fp8": False, "tf32": False, "n_gpu": 0, "compute_capability": None}
+    env = {"torch_version": torch.__version__.split("+")[0]}
+    cfg = validate_config(DictDefault(raw), capabilities=cpu, env_capabilities=env)
+    normalize_config(cfg)
+    return cfg
