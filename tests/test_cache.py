@@ -167,7 +167,7 @@ def test_summary_counts_questions_kinds_and_tokens(questions, tiny_model, tiny_t
 
 
 def prepared_data_hash(base_model: str) -> str:
-    """Axolotl's own prepared-data hash of a `type: upft` config, after the plugin registered on it as load_cfg does."""
+    """Axolotl's own prepared-data hash of a `type: upft` config, once the plugin registered on it."""
     from axolotl.utils.data.shared import generate_dataset_hash_from_config
 
     from axolotl_upft.plugin import UPFTPlugin
