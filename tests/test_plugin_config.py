@@ -111,16 +111,17 @@ def test_train_without_a_upft_block_trains_the_sample_loss_over_another_plugins_
     trainer of a plugin listed before UPFT (which Axolotl would otherwise take alone), and the model's
     fingerprint in the config Axolotl hashes."""
     axolotl_env(monkeypatch)
+    plugins = ["harness.trainer_plugins.MarkedTrainerPlugin", UPFT]
     config = write_config(
-        tmp_path, tiny_model, questions, plugins=["harness.trainer_plugins.MarkedTrainerPlugin", UPFT]
+        tmp_path, tiny_model, questions, plugins=plugins, sample_packing=False, dataset_num_proc=1
     )
     cfg = yaml.safe_load(config.read_text())
     del cfg["upft"]
     config.write_text(yaml.safe_dump(cfg))
-    done = run_axolotl("train", config)
+    done = run_axolotl("train", config, "--launcher", "python")  # one process: no accelerate relaunch
     log = done.stdout + done.stderr
     assert done.returncode == 0, log[-4000:]
-    assert "UPFT: 24 rows (" in log and "with k=32" in log, "sampled with the default k"
+    assert "reached sampling.max_new_tokens=1024" in log, "sampled with the defaults (write_config's is 16)"
     assert "'upft/prefix_loss'" in log, "the sample loss's metrics: UPFT's mixin trained"
     assert "'marked_by_plugin'" in log, "over the other plugin's trainer"
     assert '"upft_model": {' in log, "the fingerprint is in the config Axolotl hashes"
@@ -137,7 +138,7 @@ def test_scripted_loads_rebuild_rows_after_the_template_or_the_weights_change_in
     model = tmp_path / "model"
     shutil.copytree(tiny_model, model)
     assert (model / "chat_template.jinja").exists(), "transformers saves the template beside the tokenizer"
-    config = write_config(tmp_path, model, questions)
+    config = write_config(tmp_path, model, questions, sample_packing=False, dataset_num_proc=1)  # no workers
     steps = ["load", "load", "edit-template", "load", "touch-weights", "load"]
     done = subprocess.run(
         [sys.executable, str(TESTS / "harness" / "scripted_load.py"), str(config), *steps],

@@ -10,18 +10,27 @@ from pathlib import Path
 from axolotl.cli.config import load_cfg
 from axolotl.common.datasets import load_datasets
 
-config, *steps = sys.argv[1:]
-for step in steps:
-    if step == "load":
-        cfg = load_cfg(config)
-        load_datasets(cfg=cfg)
-        folders = [p for p in Path(cfg.dataset_prepared_path).iterdir() if p.name != "upft_samples"]
-        print(f"prepared: {len(folders)}", flush=True)
-    elif step == "edit-template":
-        template = Path(cfg.base_model) / "chat_template.jinja"
-        template.write_text(template.read_text() + "{# edited #}")
-    elif step == "touch-weights":
-        weights = Path(cfg.base_model) / "model.safetensors"
-        os.utime(weights, ns=(weights.stat().st_atime_ns, weights.stat().st_mtime_ns + 10**9))
-    else:
-        raise SystemExit(f"unknown step {step!r}")
+
+def main(config: str, steps: list[str]) -> None:
+    for step in steps:
+        if step == "load":
+            cfg = load_cfg(config)
+            load_datasets(cfg=cfg)
+            folders = [
+                p
+                for p in Path(cfg.dataset_prepared_path).iterdir()
+                if p.is_dir() and p.name != "upft_samples"
+            ]
+            print(f"prepared: {len(folders)}", flush=True)
+        elif step == "edit-template":
+            template = Path(cfg.base_model) / "chat_template.jinja"
+            template.write_text(template.read_text() + "{# edited #}")
+        elif step == "touch-weights":
+            weights = Path(cfg.base_model) / "model.safetensors"
+            os.utime(weights, ns=(weights.stat().st_atime_ns, weights.stat().st_mtime_ns + 10**9))
+        else:
+            raise SystemExit(f"unknown step {step!r}")
+
+
+if __name__ == "__main__":  # Axolotl's worker processes import this module again
+    main(sys.argv[1], sys.argv[2:])
