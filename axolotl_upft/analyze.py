@@ -10,29 +10,32 @@ is still shared by most samples), clamped to the paper's 8..128.
 
 import io
 import json
-import logging
 import time
 from collections import Counter, defaultdict
 from pathlib import Path
 from statistics import mean
 
 from .args import SamplingConfig
-from .cache import SampleCache, atomic_write_bytes, atomic_write_text, digest, ids_digest
+from .cache import atomic_write_bytes, atomic_write_text, digest, ids_digest
 from .distributed import Distributed
-from .generation import call_sizes, load_sampler, resolve_backend
+from .generation import call_sizes, engine_length, load_sampler, resolve_sampling
 from .grading import gold_answer, is_correct
-from .loop import Prompt, generate_all, longest
+from .logs import get_logger
+from .loop import Prompt, generate_all, longest, widest
 from .prompts import QUESTION_FIELDS, ChatFormat, pad_token_id, question_text
 from .selfsample import (
-    engine_key,
+    context_key,
+    engine_cache,
     model_fingerprint,
     read_generation_config,
+    report_context_cut,
     sampling_options,
     sampling_settings,
     stop_ids,
 )
+from .trained import TrainedModel
 
-LOG = logging.getLogger(__name__)
+LOG = get_logger(__name__)
 K_BOUNDS = (8, 128)
 KIND = "sample"
 
@@ -165,7 +168,8 @@ def analyze(
     threshold: float = 0.5,
     answer_field: str = "answer",
     chat: ChatFormat | None = None,
-    backend: str = "auto",
+    sampling: SamplingConfig | None = None,
+    backend: str | None = None,
 ) -> dict:
     """Sample ``samples`` solutions per question, tabulate prefix coverage (and accuracy when every row has
     ``answer_field``), write analysis.json and analysis.png to ``output_dir``, and suggest k.
@@ -173,16 +177,18 @@ def analyze(
     ``top_p``/``top_k`` of None take the model's generation config, as the UPFT sampler does.
     ``chat`` defaults to the model's own tokenizer and template; pass the training config's
     (`config_chat_format`) to sample with the prompts the rows are built from.
-    ``backend`` is upft.sampling.backend's (auto: vLLM where installed).
+    The sampler is ``sampling``'s (a training config's upft.sampling, else the defaults) with the
+    arguments above and ``backend`` (where given) in place of its own.
     """
     lengths = _check_args(samples, lengths, max_new_tokens, temperature, threshold, batch_size, questions)
     started = time.perf_counter()
     texts = [question_text(row, i) for i, row in enumerate(questions)]
     golds = gold_answers(questions, answer_field)
     chat = chat or model_chat_format(model_path)
-    sampling = SamplingConfig(
-        temperature=temperature, top_p=top_p, top_k=top_k, max_new_tokens=max_new_tokens, backend=backend
-    )
+    updates = {"temperature": temperature, "top_p": top_p, "top_k": top_k, "max_new_tokens": max_new_tokens}
+    updates |= {"backend": backend} if backend is not None else {}
+    sampling = (sampling or SamplingConfig()).model_copy(update=updates)
+    sampling = resolve_sampling(sampling, TrainedModel(model_path))
     settings = sampling_settings(sampling, read_generation_config(model_path)) | {
         "seed": seed,
         "batch_size": batch_size,
@@ -268,22 +274,25 @@ def sample(
         "sampling": settings,
         "stop_ids": sorted(stops),
         "requests": digest([ids_digest(r.prompt_ids) for r in requests]),
-        "engine": engine_key(sampling.backend, sampling.dtype),
+        **context_key(sampling),
     }
-    cache = SampleCache(out / "parts", digest(meta), meta)
+    cache = engine_cache(out / "parts", meta, sampling)
     cache.open()
     limits = {KIND: settings["max_new_tokens"]}
+    model = TrainedModel(model_path)
+    length = engine_length(sampling, model, widest(requests), longest(requests, limits))
     generated = generate_all(
         requests,
         cache,
-        lambda: load_sampler(model_path, sampling, longest(requests, limits)),
-        sizes=call_sizes({KIND: settings["batch_size"]}, resolve_backend(sampling.backend), "dynamic"),
+        lambda: load_sampler(model, sampling, length),
+        sizes=call_sizes({KIND: settings["batch_size"]}, sampling.backend, "dynamic"),
         limits=limits,
         options=sampling_options(settings, stops, pad_token_id(tokenizer)),
         seed=settings["seed"],
         dist=Distributed(),
         desc="UPFT prefix analysis",
     )
+    report_context_cut(requests, generated.records, length)
     return [[generated.records[q * samples + j].ids for j in range(samples)] for q in range(len(texts))]
 
 

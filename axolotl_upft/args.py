@@ -3,7 +3,9 @@
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, field_validator, model_validator
+
+from .prompts import template_fields
 
 ARGS_PATH = (
     f"{__name__}.UPFTArgs"  # what the plugin hands Axolotl; also how a registered plugin is recognised
@@ -19,6 +21,8 @@ REFERENCE_INSTRUCTION = (
 
 class SamplingConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
+    # set by generation.resolve_sampling: the user asked for backend auto (fallback to hf, cache reuse)
+    _auto: bool = PrivateAttr(False)
 
     temperature: float = Field(0.6, ge=0.0, description="Sampling temperature; 0 means greedy.")
     top_p: float | None = Field(
@@ -55,7 +59,11 @@ class SamplingConfig(BaseModel):
         "(CUDA graphs), prompts padded to a multiple of 64.",
     )
     backend: Literal["auto", "hf", "vllm"] = Field(
-        "auto", description="auto: vllm where it is installed, else hf (the plugin's decode loop)."
+        "auto",
+        description="auto: what can sample the model as it is trained: vllm where it is installed and can "
+        "load the model (no bitsandbytes; LoRA within vLLM's limits; on CPU its head sizes), else hf (the "
+        "plugin's decode loop), with a log line saying why; also hf when vLLM's engine refuses to start. "
+        "With auto, a finished sample cache of the other backend for the same settings is reused.",
     )
     dtype: Literal["auto", "bfloat16", "float16", "float32"] = Field(
         "auto", description="Weights and activations while sampling; auto: bfloat16 on a GPU, float32 on CPU."
@@ -71,8 +79,9 @@ class SamplingConfig(BaseModel):
     max_model_len: int | None = Field(
         None,
         ge=1,
-        description="vLLM: longest prompt + generation per request; null: the run's longest prompt plus "
-        "its longest generation, so the KV cache holds no more than the run needs.",
+        description="vLLM: longest prompt + generation per request (generation stops there; part of the "
+        "sample cache key); null: the run's longest prompt plus its longest generation, at most the model's "
+        "context (max_position_embeddings).",
     )
     enforce_eager: bool | None = Field(
         None,
@@ -84,7 +93,12 @@ class SamplingConfig(BaseModel):
 class UPFTConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    prefix_length: int = Field(32, ge=1, description="k: generated tokens kept for prefix samples.")
+    prefix_length: int = Field(
+        32,
+        ge=1,
+        description="k: generated tokens kept for prefix samples; below sampling.max_new_tokens when a run "
+        "also has full traces.",
+    )
     structure_ratio: float = Field(
         0.1, ge=0.0, le=1.0, description="p: share of questions that keep their full trace."
     )
@@ -104,7 +118,10 @@ class UPFTConfig(BaseModel):
         "instruction, or the first user turn of messages.",
     )
     question_template: str | None = Field(
-        None, description='Format string over the row\'s fields, e.g. "{Body} {Question}".'
+        None,
+        description="The question built from the row's fields, each written {name}: e.g. "
+        '"{Body} {Question}" ({{ and }} are literal braces). A row whose field is missing or null stops '
+        "the run.",
     )
     system_prompt: str | None = Field(None, description="System turn of every prompt; null for none.")
     seed: int = Field(42, description="Seeds the structure split and the sampling.")
@@ -154,6 +171,14 @@ class UPFTConfig(BaseModel):
     def needs_gold(self) -> bool:
         return self.mode == "rft" or self.label_filter
 
+    @field_validator("question_template")
+    @classmethod
+    def _plain_template(cls, template: str | None) -> str | None:
+        """Unbalanced braces and non-field names stop at config validation, before any data is read."""
+        if template is not None:
+            template_fields(template)
+        return template
+
     @model_validator(mode="after")
     def _one_question_source(self):
         if self.label_filter and self.mode != "upft":
@@ -164,6 +189,20 @@ class UPFTConfig(BaseModel):
             raise ValueError(
                 "upft: set question_field or question_template, not both "
                 "(the template can name the field: question_template: '{" + self.question_field + "}')"
+            )
+        return self
+
+    @model_validator(mode="after")
+    def _prefixes_shorter_than_full_traces(self):
+        """Full traces must be able to run past the prefix: the trainer tells the two kinds apart by length,
+        and label_filter cuts its prefixes from full traces."""
+        both_kinds = self.structure_ratio < 1 and (self.structure_ratio > 0 or self.label_filter)
+        k, limit = self.prefix_length, self.sampling.max_new_tokens
+        if self.mode == "upft" and both_kinds and k >= limit:
+            raise ValueError(
+                f"upft.prefix_length ({k}) must be smaller than upft.sampling.max_new_tokens ({limit}): "
+                "full traces would be no longer than prefixes, and the loss and the upft/* metrics would "
+                "count them as prefixes. Lower upft.prefix_length or raise upft.sampling.max_new_tokens."
             )
         return self
 
@@ -183,9 +222,14 @@ class UPFTArgs(BaseModel):
     )
 
 
+def upft_dataset_entries(cfg) -> list[dict]:
+    """The `type: upft` entries of a config's `datasets:`."""
+    return [d for d in cfg.get("datasets") or [] if d.get("type") in UPFT_TYPES]
+
+
 def first_upft_dataset(cfg) -> dict | None:
     """The first `type: upft` entry of a config's `datasets:`, or None."""
-    return next((d for d in cfg.get("datasets") or [] if d.get("type") in UPFT_TYPES), None)
+    return next(iter(upft_dataset_entries(cfg)), None)
 
 
 def uses_upft(cfg) -> bool:

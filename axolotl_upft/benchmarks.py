@@ -27,7 +27,7 @@ class Task:
     config: dict = field(default_factory=dict)
 
 
-# Candidates for a task where SmolLM2-135M-Instruct is off the floor (see README, "Real model").
+# Candidates for a task where SmolLM2-135M-Instruct is off the floor (see docs/comparison.md).
 TASKS = {
     "chain_sum_2": Task("chain_sum", {"min_terms": 2, "max_terms": 2, "min_digits": 1, "max_digits": 2}),
     "chain_sum_3": Task("chain_sum", {"min_terms": 3, "max_terms": 3, "min_digits": 1, "max_digits": 1}),

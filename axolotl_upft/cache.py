@@ -37,6 +37,24 @@ def weight_files(folder: Path) -> list[Path]:
     return safetensors or files
 
 
+def check_writable(folder: Path, key: str) -> None:
+    """Refuse, before any work, a folder (set by `key`) that cannot take new files: a file in its place or
+    above it, or a read-only disk or folder. The first write would fail with an OSError naming no setting."""
+    chain = [folder, *folder.parents]
+    blocker = next((p for p in chain if p.exists() and not p.is_dir()), None)
+    existing = next(p for p in chain if p.is_dir())
+    if blocker is not None:
+        reason = f"{blocker} is a file, not a folder"
+    elif not os.access(existing, os.W_OK | os.X_OK):
+        reason = f"{existing} is read-only"
+    else:
+        return
+    raise ValueError(
+        f"{key}: cannot keep samples in {folder}: {reason}. Set {key} to a folder this run can write to "
+        "(it is created if missing), or make that one writable."
+    )
+
+
 def atomic_write_text(path: Path, text: str) -> None:
     atomic_write_bytes(path, text.encode())
 

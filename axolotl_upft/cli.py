@@ -6,12 +6,23 @@ from pathlib import Path
 
 import click
 
-from .args import UPFT_TYPES
+from .args import upft_dataset_entries
+
+
+def no_telemetry_unless_asked() -> None:
+    """Axolotl's telemetry is on unless AXOLOTL_DO_NOT_TRACK is set, and its exit-time flush waits for its
+    server: on a machine with no internet a command hung for minutes after its work was done. The plugin's
+    commands send nothing unless the user sets AXOLOTL_DO_NOT_TRACK=0."""
+    os.environ.setdefault("AXOLOTL_DO_NOT_TRACK", "1")
 
 
 @click.group()
 def main():
     """Unsupervised Prefix Fine-Tuning for Axolotl."""
+    no_telemetry_unless_asked()
+    from axolotl.logging_config import configure_logging
+
+    configure_logging()
 
 
 @main.command("convert-gguf")
@@ -35,7 +46,7 @@ def convert_gguf_command(gguf, out):
 
 
 def upft_datasets(cfg) -> list:
-    found = [d for d in cfg.datasets or [] if d.get("type") in UPFT_TYPES]
+    found = upft_dataset_entries(cfg)
     if not found:
         raise click.UsageError("the config has no dataset with `type: upft`; nothing to sample.")
     return found
@@ -56,18 +67,21 @@ def load_config_single_process(load_cfg, config: Path):
 @click.argument("config", type=click.Path(exists=True, dir_okay=False, path_type=Path))
 def sample_command(config):
     """Self-sample every `type: upft` dataset of CONFIG into upft.cache_dir (shards across ranks)."""
+    no_telemetry_unless_asked()
     from axolotl.cli.config import load_cfg
     from axolotl.loaders import load_tokenizer
     from axolotl.utils.data.sft import _load_and_process_single_dataset
 
     from .dataset import SAMPLES_DIR
     from .distributed import CFG_KEY, Distributed, ddp_timeout
+    from .inputs import check_inputs
 
     cfg = load_config_single_process(load_cfg, config)
     datasets = upft_datasets(cfg)
     tokenizer = load_tokenizer(cfg)
     dist = cfg[CFG_KEY] = Distributed.from_env(ddp_timeout(cfg))
     try:
+        check_inputs(cfg)
         # Axolotl's own loader, so the questions match what `preprocess` will see.
         loaded = [
             _load_and_process_single_dataset(ds, cfg, tokenizer, "train", cfg.seed)[0] for ds in datasets
@@ -96,8 +110,10 @@ main.add_command(sample_command, name="sample")
     "--config",
     type=click.Path(exists=True, dir_okay=False, path_type=Path),
     default=None,
-    help="Training config: prompts use its chat template, chat_template_kwargs, eot_tokens and "
-    "upft.system_prompt, as its rows did. Default: the tokenizer's own template.",
+    help="Training config: prompts use its chat template, chat_template_kwargs, eot_tokens, "
+    "upft.system_prompt and question_field / question_template, as its rows did, and the sampler its "
+    "upft.sampling keys (max_new_tokens, backend, dtype, vLLM's settings). Default: the tokenizer's own "
+    "template and upft.sampling's defaults.",
 )
 @click.option(
     "--adapter",
@@ -122,7 +138,24 @@ main.add_command(sample_command, name="sample")
     default=None,
     help="System turn; default: --config's upft.system_prompt, else the chat template's own.",
 )
-@click.option("--max-new-tokens", type=click.IntRange(min=1), default=1024, show_default=True)
+@click.option(
+    "--max-new-tokens",
+    type=click.IntRange(min=1),
+    default=None,
+    help="Default: --config's upft.sampling.max_new_tokens (as eval_after_train), else 1024.",
+)
+@click.option(
+    "--question-field",
+    default=None,
+    help="Column of the question; default: --config's upft.question_field / question_template, else "
+    "auto-detected (question, problem, prompt, instruction, messages).",
+)
+@click.option(
+    "--answer-field",
+    default=None,
+    help="Column of the gold answer in a .jsonl benchmark; default: --config's upft.answer_field, else "
+    "answer.",
+)
 @click.option(
     "--batch-size",
     type=click.IntRange(min=1),
@@ -150,19 +183,22 @@ def eval_command(
     output,
     system_prompt,
     max_new_tokens,
+    question_field,
+    answer_field,
     batch_size,
     backend,
     data_dir,
 ):
     """Greedy, zero-shot accuracy on math benchmarks (shards across ranks under torchrun)."""
+    no_telemetry_unless_asked()
+    from .args import UPFTConfig
     from .distributed import Distributed, ddp_timeout
-    from .evaluate import evaluate
+    from .evaluate import eval_fields, evaluate
 
-    chat, cfg = None, {}
+    chat, cfg, upft = None, {}, UPFTConfig()
     if config is not None:
         from axolotl.cli.config import load_cfg
 
-        from .args import UPFTConfig
         from .dataset import config_chat_format
 
         cfg = load_config_single_process(load_cfg, config)
@@ -170,7 +206,6 @@ def eval_command(
         upft = UPFTConfig.from_cfg(cfg)
         model_path = model_path or cfg.base_model
         system_prompt = system_prompt if system_prompt is not None else upft.system_prompt
-        backend = backend or upft.sampling.backend
     if model_path is None:
         raise click.UsageError("give --model (or --config, whose base_model is then evaluated)")
     dist = Distributed.from_env(ddp_timeout(cfg))
@@ -185,10 +220,12 @@ def eval_command(
                 system_prompt=system_prompt,
                 max_new_tokens=max_new_tokens,
                 batch_size=batch_size,
+                **eval_fields(benchmark, upft, question_field, answer_field),
                 data_dir=data_dir,
                 distributed=dist,
                 chat=chat,
-                backend=backend or "auto",
+                sampling=upft.sampling,
+                backend=backend,
             )
             if dist.rank == 0:
                 click.echo(json.dumps(summary, indent=2))
@@ -284,7 +321,7 @@ def analyze_command(config, samples, lengths, num_questions, max_new_tokens, out
             batch_size=resolve_batch_size(upft.sampling.batch_size, resolve_backend(upft.sampling.backend)),
             output_dir=out,
             chat=config_chat_format(cfg),
-            backend=upft.sampling.backend,
+            sampling=upft.sampling,
         )
     except ValueError as err:
         raise click.UsageError(str(err)) from None
@@ -295,18 +332,45 @@ def analyze_command(config, samples, lengths, num_questions, max_new_tokens, out
 @main.command("report")
 @click.argument("config", type=click.Path(exists=True, dir_okay=False, path_type=Path))
 @click.option("--started", type=float, default=None, help="Epoch seconds the run started (prints wall time).")
-def report_command(config, started):
+@click.option(
+    "--rows",
+    type=click.IntRange(min=0),
+    default=0,
+    help="After the JSON, N decoded samples, the per-kind losses, the run time and a next step.",
+)
+def report_command(config, started, rows):
     """Where a run's samples, prepared rows and outputs went, with token counts."""
     import time
 
     import yaml
 
-    from .report import run_report
+    from .report import decoded_samples, kind_losses, readable, run_report
 
-    report = run_report(yaml.safe_load(config.read_text()))
+    raw = yaml.safe_load(config.read_text())
+    report = run_report(raw)
     if started is not None:
         report["wall_seconds"] = round(time.time() - started, 1)
     click.echo(json.dumps(report, indent=2))
+    if rows:
+        losses = kind_losses(Path(report["output_dir"]))
+        click.echo(readable(report, decoded_samples(raw, rows), losses, str(config)))
+
+
+@main.command("show-samples")
+@click.argument("config", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.option("--n", "n", type=click.IntRange(min=1), default=5, show_default=True)
+def show_samples_command(config, n):
+    """Decoded samples of CONFIG's newest run: prompt and trained response from the prepared rows, or the
+    generated text from the sample cache before `axolotl preprocess` (the cache keeps token ids only)."""
+    import yaml
+
+    from .report import decoded_samples
+
+    found = decoded_samples(yaml.safe_load(config.read_text()), n)
+    if not found:
+        raise click.UsageError(f"{config}: no samples yet; run `axolotl preprocess {config}` first.")
+    for sample in found:
+        click.echo(json.dumps(sample, ensure_ascii=False))
 
 
 if __name__ == "__main__":

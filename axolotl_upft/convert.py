@@ -1,10 +1,11 @@
 """Turn a GGUF chat model into a plain Hugging Face folder (the offline demo model)."""
 
 import importlib.util
-import logging
 from pathlib import Path
 
-LOG = logging.getLogger(__name__)
+from .logs import get_logger
+
+LOG = get_logger(__name__)
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 

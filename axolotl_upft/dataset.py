@@ -1,7 +1,6 @@
 """The `type: upft` dataset: questions in, self-sampled UPFT rows (ids, mask, labels) out."""
 
 import json
-import logging
 from collections import Counter
 
 from axolotl.integrations.base import PluginManager
@@ -13,11 +12,13 @@ from .args import ARGS_PATH, AXOLOTL_SEQUENCE_LEN, UPFTConfig, first_upft_datase
 from .cache import Record, SampleCache
 from .distributed import Distributed
 from .grading import is_correct
+from .logs import get_logger
 from .prompts import ChatFormat, check_tokenizer, pad_token_id
 from .rows import FULL, Row, full_row, prefix_row
 from .selfsample import Question, open_cache, prepare_questions, sample_questions
+from .trained import TrainedModel
 
-LOG = logging.getLogger(__name__)
+LOG = get_logger(__name__)
 SAMPLES_DIR = "upft_samples_dir"
 
 
@@ -123,13 +124,15 @@ def build_rows(dataset, tokenizer, cfg, upft: UPFTConfig, ds_cfg=None) -> list[R
 
 def sample_and_build(dataset, tokenizer, cfg, upft: UPFTConfig, ds_cfg=None) -> tuple[list[Row], SampleCache]:
     """Every check first, then sampling (into the cache), then one row per question."""
-    from .generation import load_sampler
+    from .generation import resolve_sampling
 
     sequence_len = cfg.get("sequence_len") or AXOLOTL_SEQUENCE_LEN
     chat = chat_format(tokenizer, cfg, ds_cfg)
     questions = prepare_questions(dataset, chat, upft)
     groups = group_by_row(questions)
     prompts = training_prompts(groups, chat, upft, sequence_len)
+    model = TrainedModel(cfg.base_model)
+    upft = upft.model_copy(update={"sampling": resolve_sampling(upft.sampling, model)})
     cache, settings, stops = open_cache(
         str(upft.sample_cache_root(cfg)), cfg.base_model, chat, upft, questions
     )
@@ -139,9 +142,8 @@ def sample_and_build(dataset, tokenizer, cfg, upft: UPFTConfig, ds_cfg=None) -> 
         upft=upft,
         settings=settings,
         stops=stops,
-        load_model=lambda max_model_len: load_sampler(cfg.base_model, upft.sampling, max_model_len),
+        model=model,
         pad_id=pad_token_id(tokenizer),
-        base_model=cfg.base_model,
         dist=Distributed.from_cfg(cfg),
     )
     rows, counts = [], Counter()

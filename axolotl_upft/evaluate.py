@@ -13,25 +13,15 @@ A rerun reuses every cached batch, so a killed run resumes and a finished one on
 
 import hashlib
 import json
-import logging
 import re
-import shutil
-import tempfile
+from math import prod
 from pathlib import Path
 
 from . import benchmarks
 from .args import SamplingConfig
-from .cache import Record, SampleCache, atomic_write_text, digest, weight_files
+from .cache import Record, atomic_write_text, digest
 from .distributed import Distributed
-from .generation import (
-    HFSampler,
-    VLLMSampler,
-    call_sizes,
-    load_model,
-    resolve_backend,
-    resolve_batch_size,
-    sampling_device,
-)
+from .generation import call_sizes, engine_length, load_sampler, resolve_batch_size, resolve_sampling
 from .grading import (
     BENCHMARKS,
     benchmark_path,
@@ -40,14 +30,28 @@ from .grading import (
     gold_answer,
     is_equivalent,
 )
-from .loop import Prompt, generate_all, longest
+from .inputs import read_rows
+from .logs import get_logger
+from .loop import Prompt, generate_all, longest, widest
 from .prompts import ChatFormat, pad_token_id, question_text
-from .selfsample import engine_key, model_fingerprint, read_generation_config, stop_ids
+from .selfsample import (
+    context_key,
+    engine_cache,
+    model_fingerprint,
+    read_generation_config,
+    report_context_cut,
+    stop_ids,
+)
+from .trained import TrainedModel
 
-LOG = logging.getLogger(__name__)
+LOG = get_logger(__name__)
 KIND = "greedy"
 RESULTS_HEADER = ["model", "adapter", "benchmark", "n", "accuracy", "flexible"]
 GREEDY = {"temperature": 0, "top_p": None, "top_k": None, "repetition_penalty": 1.0}
+ZERO3_UNGATHERED = (
+    "A LoRA saved under DeepSpeed ZeRO-3 without gathering looks like this: set "
+    "`stage3_gather_16bit_weights_on_model_save: true` in the DeepSpeed JSON and train (or save) again."
+)
 HF_EVAL_BATCH = 16  # rows the hf loop decodes at a time in eval; vLLM takes its sampling part size
 _CELL_SPLIT = re.compile(r"(?<!\\)\|")
 
@@ -60,55 +64,80 @@ def evaluate(
     limit: int | None = None,
     output_dir: str | Path,
     system_prompt: str | None = None,
-    max_new_tokens: int = 1024,
+    max_new_tokens: int | None = None,
     batch_size: int | None = None,
     answer_field: str = "answer",
+    question_field: str | None = None,
+    question_template: str | None = None,
     data_dir: str | Path | None = None,
     distributed: Distributed | None = None,
     chat: ChatFormat | None = None,
-    backend: str = "auto",
+    sampling: SamplingConfig | None = None,
+    backend: str | None = None,
 ) -> dict:
     """Greedy accuracy of ``model_path`` (+ ``adapter``) on a benchmark; chat=None: the tokenizer's own.
-    ``backend`` as upft.sampling.backend (auto: vLLM where installed)."""
-    _check_args(limit=limit, max_new_tokens=max_new_tokens, batch_size=batch_size)
+    The sampler is upft.sampling's (``sampling``: a training config's, else the defaults) with
+    ``max_new_tokens`` and ``backend`` where given (`eval_sampling`); decoding is greedy."""
+    sampling = eval_sampling(sampling, max_new_tokens=max_new_tokens, backend=backend)
+    _check_args(limit=limit, max_new_tokens=sampling.max_new_tokens, batch_size=batch_size)
     check_adapter(adapter)
     dist = distributed or Distributed()
     path, name, out = output_paths(benchmark, data_dir, output_dir)
     arm = out / arm_name(model_path, adapter)
     check_not_benchmark(arm / f"{name}.jsonl", path)
     rows = read_rows(path, limit)
-    texts = [question_text(row, i) for i, row in enumerate(rows)]
+    fields = {"field": question_field, "template": question_template}
+    texts = [question_text(row, i, **fields) for i, row in enumerate(rows)]
     chat = chat or ChatFormat.own(load_tokenizer(model_path, adapter))
     requests = eval_requests(chat, texts, system_prompt)
     stops = stop_ids(chat.tokenizer, read_generation_config(model_path), chat.end_ids)
-    backend = resolve_backend(backend)
-    settings = {"system_prompt": system_prompt, "max_new_tokens": max_new_tokens, "stop_ids": sorted(stops)}
-    cache = eval_cache(
-        out / "parts" / name,
-        model_path,
-        adapter,
-        chat,
-        path,
-        settings=settings,
-        engine=engine_key(backend, "auto"),
-    )
+    model = TrainedModel(model_path, adapter)
+    sampling = resolve_sampling(sampling, model)
+    settings = {
+        "system_prompt": system_prompt,
+        "max_new_tokens": sampling.max_new_tokens,
+        "stop_ids": sorted(stops),
+    }
+    cache = eval_cache(out / "parts" / name, model, chat, path, settings=settings, sampling=sampling)
     if dist.rank == 0:
         cache.open()
     dist.barrier()
     options = {"stop_ids": stops, "pad_id": pad_token_id(chat.tokenizer)}
-    generated = greedy(
-        requests, cache, (model_path, adapter), backend, batch_size, max_new_tokens, options, dist
-    )
+    generated, cut = greedy(requests, cache, model, sampling, batch_size, options, dist)
     if dist.rank == 0:
         graded = grade_rows(chat.tokenizer, name, rows, answer_field, texts, generated.records)
         summary = summarize(graded, model=model_path, adapter=adapter, benchmark=name, path=path)
-        summary |= settings_summary(settings, generated)
+        summary |= settings_summary(settings, generated) | {"backend": sampling.backend, "context_cut": cut}
         write_outputs(out, arm, name, graded, summary)
         LOG.info(
             "UPFT eval: %s %s accuracy %.2f%% (n=%d)", model_path, name, summary["accuracy"], summary["n"]
         )
     dist.barrier()
     return json.loads((arm / f"{name}.summary.json").read_text())
+
+
+def eval_sampling(
+    sampling: SamplingConfig | None, *, max_new_tokens: int | None = None, backend: str | None = None
+) -> SamplingConfig:
+    """The one rule of `eval`, `eval --config` and `eval_after_train`: upft.sampling (the config's, else the
+    defaults), with --max-new-tokens and --backend where they are given."""
+    updates = {"max_new_tokens": max_new_tokens, "backend": backend}
+    updates = {k: v for k, v in updates.items() if v is not None}
+    return (sampling or SamplingConfig()).model_copy(update=updates)
+
+
+def eval_fields(
+    benchmark: str, upft, question_field: str | None = None, answer_field: str | None = None
+) -> dict:
+    """Where a benchmark's questions and answers are: --question-field / --answer-field, else for a .jsonl
+    file the training config's upft.question_field / question_template / answer_field (the fields its rows
+    were built from); named benchmarks keep their own fields."""
+    own = benchmark.endswith(".jsonl")
+    return {
+        "question_field": question_field or (upft.question_field if own else None),
+        "question_template": upft.question_template if own and not question_field else None,
+        "answer_field": answer_field or (upft.answer_field if own else "answer"),
+    }
 
 
 def settings_summary(settings: dict, generated) -> dict:
@@ -121,15 +150,19 @@ def settings_summary(settings: dict, generated) -> dict:
     }
 
 
-def greedy(requests, cache, arm: tuple, backend: str, batch_size, max_new_tokens: int, options: dict, dist):
-    """Greedy generations of every request (this rank's share of batches); ``arm`` is (model, adapter).
-    ``batch_size`` None: 16 rows at a time for the hf loop, vLLM's part size for vLLM."""
-    batch_size = batch_size or (HF_EVAL_BATCH if backend == "hf" else resolve_batch_size(None, backend))
-    limits = {KIND: max_new_tokens}
-    return generate_all(
+def greedy(requests, cache, model: TrainedModel, sampling: SamplingConfig, batch_size, options: dict, dist):
+    """Greedy generations of every request (this rank's share of batches) and how many ran into the engine's
+    context end. ``batch_size`` None: upft.sampling.batch_size, else 16 rows at a time for the hf loop and
+    vLLM's part size for vLLM."""
+    backend = sampling.backend
+    default = HF_EVAL_BATCH if backend == "hf" else resolve_batch_size(None, backend)
+    batch_size = batch_size or sampling.batch_size or default
+    limits = {KIND: sampling.max_new_tokens}
+    length = engine_length(sampling, model, widest(requests), longest(requests, limits))
+    generated = generate_all(
         requests,
         cache,
-        lambda: load_eval_sampler(*arm, backend, batch_size, longest(requests, limits)),
+        lambda: load_sampler(model, sampling, length),
         sizes=call_sizes({KIND: batch_size}, backend, "dynamic"),
         limits=limits,
         options=GREEDY | options,
@@ -137,6 +170,7 @@ def greedy(requests, cache, arm: tuple, backend: str, batch_size, max_new_tokens
         dist=dist,
         desc=f"eval {cache.dir.parent.name}",
     )
+    return generated, report_context_cut(requests, generated.records, length)
 
 
 def eval_requests(chat: ChatFormat, texts: list[str], system_prompt: str | None) -> list[Prompt]:
@@ -151,42 +185,51 @@ def check_adapter(adapter: str | Path | None) -> None:
     if adapter is None:
         return
     folder = Path(adapter)
-    files = weight_files(folder)
-    if not (folder / "adapter_config.json").exists() or not files:
+    path = adapter_weights(folder)
+    if not (folder / "adapter_config.json").exists() or path is None:
         raise ValueError(
             f"adapter {folder}: no adapter_config.json and adapter_model.safetensors (or .bin) there. "
             "Point --adapter at the folder a LoRA run saved (its output_dir)."
         )
-    sizes = tensor_sizes(files)
+    sizes = tensor_sizes(path)
     empty = sorted(name for name, size in sizes.items() if size == 0)
     if not sizes or empty:
         found = "no tensors" if not sizes else f"{len(empty)} empty tensors of {len(sizes)} (e.g. {empty[0]})"
         raise ValueError(
-            f"adapter {folder}: {', '.join(p.name for p in files)} holds {found}: the LoRA weights were not "
-            "saved, and evaluating it would report the base model's accuracy. A LoRA saved under DeepSpeed "
-            "ZeRO-3 without gathering looks like this: set `stage3_gather_16bit_weights_on_model_save: true` "
-            "in the DeepSpeed JSON and train (or save) again."
+            f"adapter {folder}: {path.name} holds {found}: the LoRA weights were not saved, and evaluating "
+            f"it would report the base model's accuracy. {ZERO3_UNGATHERED}"
         )
 
 
-def tensor_sizes(files: list[Path]) -> dict[str, int]:
-    """Element count of every tensor in weight files, read from the safetensors header where possible."""
-    from math import prod
+def adapter_weights(folder: Path) -> Path | None:
+    """The one file PEFT loads an adapter from (`peft.utils.load_peft_weights`): adapter_model.safetensors,
+    else adapter_model.bin; never the Trainer's training_args.bin beside it."""
+    from peft.utils.constants import SAFETENSORS_WEIGHTS_NAME, WEIGHTS_NAME
 
-    sizes = {}
-    for path in files:
+    return next(
+        (folder / n for n in (SAFETENSORS_WEIGHTS_NAME, WEIGHTS_NAME) if (folder / n).is_file()), None
+    )
+
+
+def tensor_sizes(path: Path) -> dict[str, int]:
+    """Element count of every tensor in an adapter's weight file, from the safetensors header where it can; a
+    file cut short (or never written) stops with its name and the fix."""
+    from pickle import UnpicklingError
+
+    from safetensors import SafetensorError, safe_open
+
+    try:
         if path.suffix == ".safetensors":
-            from safetensors import safe_open
-
             with safe_open(str(path), framework="pt") as handle:
-                sizes |= {k: prod(handle.get_slice(k).get_shape()) for k in handle.keys()}  # noqa: SIM118 (not a dict)
-        else:
-            import torch
+                return {k: prod(handle.get_slice(k).get_shape()) for k in handle.keys()}  # noqa: SIM118 (not a dict)
+        import torch
 
-            sizes |= {
-                k: v.numel() for k, v in torch.load(path, map_location="cpu", weights_only=True).items()
-            }
-    return sizes
+        return {k: v.numel() for k, v in torch.load(path, map_location="cpu", weights_only=True).items()}
+    except (SafetensorError, UnpicklingError, EOFError, RuntimeError) as err:
+        raise ValueError(
+            f"adapter {path.parent}: {path.name} ({path.stat().st_size} bytes) cannot be read ({err}): it "
+            f"was cut short or never written. {ZERO3_UNGATHERED} Otherwise save or copy the adapter again."
+        ) from None
 
 
 def grade_rows(tokenizer, name: str, rows: list[dict], answer_field: str, texts, records) -> list[dict]:
@@ -224,20 +267,18 @@ def arm_name(model_path: str, adapter: str | None) -> str:
     return f"{slug}-{digest([str(model_path), str(adapter) if adapter else None])[:8]}"
 
 
-def eval_cache(
-    root: Path, model_path, adapter, chat: ChatFormat, path: Path, *, settings: dict, engine: list
-):
+def eval_cache(root: Path, model: TrainedModel, chat: ChatFormat, path: Path, *, settings: dict, sampling):
     """The generations' cache, keyed by model, adapter, prompt format, benchmark file, settings and engine."""
     meta = {
         "task": "eval",
-        "model": model_fingerprint(model_path),
-        "adapter": model_fingerprint(adapter) if adapter else None,
+        "model": model_fingerprint(model.base_model),
+        "adapter": model_fingerprint(model.adapter) if model.adapter else None,
         "chat": chat.key(),
         "benchmark": file_digest(path),
         **settings,
-        "engine": engine,
+        **context_key(sampling),
     }
-    return SampleCache(root, digest(meta), meta)
+    return engine_cache(root, meta, sampling)
 
 
 def _check_args(**values) -> None:
@@ -245,26 +286,6 @@ def _check_args(**values) -> None:
         if value is not None and (not isinstance(value, int) or value < 1):
             hint = "; leave it unset to evaluate every question" if key == "limit" else ""
             raise ValueError(f"{key} must be a positive integer, got {value!r}{hint}")
-
-
-def read_rows(path: Path, limit: int | None) -> list[dict]:
-    """The first ``limit`` rows of a JSONL file (all when None), blank lines skipped."""
-    rows = []
-    with open(path) as handle:
-        for number, line in enumerate(handle, 1):
-            if limit is not None and len(rows) >= limit:
-                break
-            if not line.strip():
-                continue
-            try:
-                rows.append(json.loads(line))
-            except json.JSONDecodeError as err:
-                raise ValueError(
-                    f"{path}: line {number} is not JSON ({err}); fix or remove that line"
-                ) from None
-    if not rows:
-        raise ValueError(f"{path} holds no rows; point the benchmark at a JSONL file of questions")
-    return rows
 
 
 def file_digest(path: Path) -> str:
@@ -281,48 +302,6 @@ def load_tokenizer(model_path: str, adapter: str | None):
 
     source = adapter if adapter and (Path(adapter) / "tokenizer_config.json").exists() else model_path
     return AutoTokenizer.from_pretrained(source)
-
-
-def load_eval_sampler(model_path: str, adapter: str | None, backend: str, batch_size: int, max_model_len):
-    """The greedy sampler of one arm: the hf loop on the (merged) model, or vLLM on a merged copy."""
-    if backend == "hf":
-        return HFSampler(load_eval_model(model_path, adapter), running=batch_size)
-    if not adapter:
-        return VLLMSampler(model_path, SamplingConfig(backend="vllm"), max_model_len)
-    return MergedVLLMSampler(model_path, adapter, max_model_len)
-
-
-class MergedVLLMSampler(VLLMSampler):
-    """vLLM on the adapter merged into the base, as the hf loop evaluates it; the merged copy is written to a
-    temporary folder and deleted when the engine closes."""
-
-    def __init__(self, model_path: str, adapter: str, max_model_len: int):
-        self.folder = tempfile.mkdtemp(prefix="upft-merged-")
-        try:
-            merged = HFSampler(load_eval_model(model_path, adapter))
-            merged.model.save_pretrained(self.folder)
-            merged.close()
-            load_tokenizer(model_path, adapter).save_pretrained(self.folder)
-            super().__init__(self.folder, SamplingConfig(backend="vllm"), max_model_len)
-        except BaseException:
-            shutil.rmtree(self.folder, ignore_errors=True)
-            raise
-
-    def close(self) -> None:
-        super().close()
-        shutil.rmtree(self.folder, ignore_errors=True)
-
-
-def load_eval_model(model_path: str, adapter: str | None):
-    model = load_model(model_path, sampling_device())
-    if adapter:
-        try:
-            from peft import PeftModel
-        except ImportError as err:
-            raise ImportError("evaluating an adapter needs peft: pip install peft") from err
-        # Merged once, so generation runs at the base model's speed.
-        model = PeftModel.from_pretrained(model, adapter).merge_and_unload().eval()
-    return model
 
 
 def grade(

@@ -3,8 +3,8 @@
 import gc
 import importlib.util
 import json
-import logging
 import os
+import typing
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -13,9 +13,12 @@ from transformers import GenerationConfig, LogitsProcessorList
 
 from .cache import weight_files
 from .decoding import decode_pool, left_pad
+from .logs import get_logger
+from .memory import row_bytes
 from .rows import FULL, PREFIX, cut_at_stop
+from .trained import TrainedModel
 
-LOG = logging.getLogger(__name__)
+LOG = get_logger(__name__)
 AUTO_BATCH = {"cuda": 256, "cpu": 16}  # full-trace batches; on a GPU also capped by what fits in memory
 PREFIX_BATCH_CAP = 2048  # prefix batches hold only prompt + k tokens, so on a GPU they grow up to this
 MEMORY_SHARE = 0.5  # of the GPU memory left after the weights, for one batch's cache, activations and logits
@@ -25,6 +28,7 @@ POOL = 4  # the hf backend decodes a batch size of rows at a time from calls of 
 # vLLM schedules its own batches; this only sizes the cache's part files (what a crash loses, progress steps)
 VLLM_BATCH = {"cuda": 4096, "cpu": 256}
 VLLM_CPU_MEMORY_SHARE = 0.3  # of RAM on CPU, where vLLM refuses its GPU default of 0.9
+VLLM_MISSING = 'upft.sampling.backend: vllm needs vLLM: pip install "axolotl-upft[vllm]"'
 CPU_PREFILL_TOKENS = 4096  # vLLM's CPU default token budget per step (a longer context raises it)
 
 
@@ -39,10 +43,88 @@ def is_vllm_available() -> bool:
 
 
 def resolve_backend(backend: str) -> str:
-    """auto is vLLM wherever it is installed (GPU or CPU: faster on both, bench/README.md), else hf."""
+    """auto is vLLM wherever it is installed (GPU or CPU: faster on both, bench/README.md), else hf.
+    What a given model needs on top of that is `resolve_sampling`'s."""
     if backend == "auto":
         return "vllm" if is_vllm_available() else "hf"
     return backend
+
+
+def resolve_sampling(sampling, model: TrainedModel):
+    """upft.sampling with a concrete backend and dtype, resolved once for every command. `auto` is what can
+    sample `model` as it is trained: vLLM where it is installed and can load the model (`vllm_refusal`),
+    else the hf loop, with one log line saying why. `backend: vllm` on a model vLLM cannot load stops."""
+    backend = resolve_backend(sampling.backend)
+    if backend == "vllm" and not is_vllm_available():
+        raise ImportError(VLLM_MISSING)
+    reason = vllm_refusal(model) if backend == "vllm" else None
+    if reason and sampling.backend == "vllm":
+        raise ValueError(
+            f"upft.sampling.backend: vllm cannot sample {model.base_model} as it is trained: {reason}. "
+            "Set upft.sampling.backend: hf (or auto) to sample with the plugin's own decode loop."
+        )
+    if reason:
+        LOG.warning("UPFT: backend auto samples with the hf loop, not vLLM: %s", reason)
+        backend = "hf"
+    resolved = sampling.model_copy(update={"backend": backend, "dtype": resolve_dtype(sampling.dtype)})
+    resolved._auto = sampling.backend == "auto"
+    return resolved
+
+
+def vllm_refusal(model: TrainedModel) -> str | None:
+    """Why the installed vLLM cannot sample `model` as it is trained, read from its config files and vLLM's
+    own rules (no weights, no engine), or None. bitsandbytes stays with the hf loop; vLLM serves a LoRA
+    adapter with its own LoRA support, within its rank and feature limits; its CPU attention takes some head
+    sizes only."""
+    if model.quantization in ("bnb-4bit", "bnb-8bit"):
+        return (
+            f"the model trains in {model.quantization} (bitsandbytes). vLLM's CPU build 0.32 has no "
+            "bitsandbytes loader, and its GPU in-flight quantization is not Axolotl's BitsAndBytesConfig, "
+            "so its samples would not come from the model that trains"
+        )
+    if model.quantization is not None:
+        from vllm.model_executor.layers.quantization import QUANTIZATION_METHODS
+
+        if model.quantization not in QUANTIZATION_METHODS:
+            return f"vLLM has no loader for the checkpoint's quantization {model.quantization!r}"
+    if model.adapter is not None:
+        reason = lora_refusal(model.adapter)
+        if reason:
+            return f"vLLM cannot serve the adapter {model.adapter}: {reason}"
+    if sampling_device().type == "cpu":
+        from vllm.v1.attention.backends.cpu_attn import CPUAttentionBackend
+
+        head = head_size(model.base_model)
+        if head is not None and head not in CPUAttentionBackend.get_supported_head_sizes():
+            return f"vLLM's CPU attention does not take the model's head size {head}"
+    return None
+
+
+def lora_refusal(adapter: str) -> str | None:
+    """What vLLM's own check (PEFTHelper.validate_legal) refuses in a LoRA folder, at its largest rank."""
+    from vllm.config.lora import LoRAConfig, MaxLoRARanks
+    from vllm.lora.peft_helper import PEFTHelper
+
+    helper = PEFTHelper.from_local_dir(adapter, max_position_embeddings=None)
+    try:
+        helper.validate_legal(LoRAConfig(max_lora_rank=max(typing.get_args(MaxLoRARanks))))
+    except ValueError as err:
+        return str(err)
+    return None
+
+
+def model_config(base_model: str) -> dict:
+    """A local model's config.json (its text model's part for multimodal ones); {} for a hub id."""
+    path = Path(base_model, "config.json")
+    config = json.loads(path.read_text()) if path.is_file() else {}
+    return config.get("text_config") or config
+
+
+def head_size(base_model: str) -> int | None:
+    c = model_config(base_model)
+    if "hidden_size" not in c or "num_attention_heads" not in c:
+        return None
+    return c.get("head_dim") or c["hidden_size"] // c["num_attention_heads"]
 
 
 def resolve_dtype(dtype: str) -> str:
@@ -59,21 +141,10 @@ def resolve_batch_size(batch_size: int | None, backend: str) -> int:
     return AUTO_BATCH[sampling_device().type]
 
 
-def rows_that_fit(
-    model_config: dict, *, width: int, new_tokens: int, memory_bytes: float, dtype_bytes: int = 2
-) -> int:
-    """Rows of one `generate` batch that fit in `memory_bytes`: the KV cache of width + new_tokens positions,
-    the prefill's activations of one layer (hidden states, q/k/v, MLP, attention scores) and the last
-    position's logits in fp32 (logits, processed scores, probabilities and a sort buffer)."""
-    c = model_config.get("text_config") or model_config
-    hidden, layers, heads = c["hidden_size"], c["num_hidden_layers"], c["num_attention_heads"]
-    kv_heads = c.get("num_key_value_heads") or heads
-    head_dim = c.get("head_dim") or hidden // heads
-    intermediate = c.get("intermediate_size") or 4 * hidden
-    kv_cache = 2 * layers * kv_heads * head_dim * (width + new_tokens) * dtype_bytes
-    prefill = width * (4 * hidden + 3 * intermediate) * dtype_bytes + heads * width * width * dtype_bytes
-    logits = 4 * c["vocab_size"] * 4
-    return max(1, int(memory_bytes // (kv_cache + prefill + logits)))
+def rows_that_fit(model_config: dict, *, width: int, new_tokens: int, memory_bytes: float) -> int:
+    """Rows of one `generate` batch that fit in `memory_bytes` (memory.row_bytes: KV cache of width +
+    new_tokens positions, the prefill's activations of one layer and the last position's fp32 logits)."""
+    return max(1, int(memory_bytes // row_bytes(model_config, width=width, new_tokens=new_tokens)))
 
 
 def weight_bytes(base_model: str) -> int:
@@ -116,6 +187,35 @@ def memory_fits(
     }
 
 
+def engine_length(sampling, model: TrainedModel, longest_prompt: int, longest_total: int) -> int | None:
+    """The context of the engine that samples (vLLM's max_model_len; None for the hf loop), checked against
+    the longest prompt before anything loads: upft.sampling.max_model_len, else the run's longest prompt +
+    generation, within the model's context (max_position_embeddings), where generation then stops."""
+    context = model_config(model.base_model).get("max_position_embeddings")
+    if context and longest_prompt >= context:
+        raise ValueError(
+            f"the longest prompt is {longest_prompt} tokens, but {model.base_model} holds {context} "
+            "positions (max_position_embeddings): no token could be generated. Shorten the question (upft."
+            "question_template, upft.system_prompt) or drop the longest rows."
+        )
+    if sampling.backend != "vllm":
+        return None
+    if sampling.max_model_len is None:
+        return min(longest_total, context) if context else longest_total
+    if context and sampling.max_model_len > context:
+        raise ValueError(
+            f"upft.sampling.max_model_len: {sampling.max_model_len} is more than {model.base_model}'s "
+            f"context of {context} positions (max_position_embeddings), which vLLM refuses. Set it to "
+            f"{context} or less, or leave it unset."
+        )
+    if longest_prompt >= sampling.max_model_len:
+        raise ValueError(
+            f"upft.sampling.max_model_len: {sampling.max_model_len} leaves no room to generate after the "
+            f"longest prompt ({longest_prompt} tokens). Raise it above {longest_prompt}, or leave it unset."
+        )
+    return sampling.max_model_len
+
+
 def pad_width(width: int, cache_implementation: str) -> int:
     if cache_implementation != "static":
         return width
@@ -133,6 +233,17 @@ def load_model(base_model: str, device: torch.device, dtype: str = "auto", **kwa
     # defaults, so only what each call passes (upft.sampling) shapes the draw, as with vLLM.
     model.generation_config = GenerationConfig()
     return model.to(device).eval()
+
+
+def with_adapter(model, adapter: str | None):
+    """The model with a LoRA adapter merged in once (generation then runs at the base model's speed)."""
+    if adapter is None:
+        return model
+    try:
+        from peft import PeftModel
+    except ImportError as err:
+        raise ImportError("sampling with an adapter needs peft: pip install peft") from err
+    return PeftModel.from_pretrained(model, adapter).merge_and_unload().eval()
 
 
 NUCLEUS_CANDIDATES = 1024  # top-p without top-k looks for the nucleus among this many top tokens first
@@ -314,10 +425,9 @@ class HFSampler:
         self.running = running
 
     @classmethod
-    def load(
-        cls, base_model: str, cache_implementation: str = "dynamic", running=None, dtype: str = "auto"
-    ) -> "HFSampler":
-        return cls(load_model(base_model, sampling_device(), dtype), cache_implementation, running)
+    def load(cls, model: TrainedModel, sampling) -> "HFSampler":
+        loaded = load_model(model.base_model, sampling_device(), sampling.dtype)
+        return cls(with_adapter(loaded, model.adapter), sampling.cache_implementation)
 
     def close(self) -> None:
         """Free the model's memory before training loads its own copy."""
@@ -425,21 +535,27 @@ def engine_environment(tensor_parallel_size: int):
         os.environ.update(saved)
 
 
-def engine_options(base_model: str, sampling, max_model_len: int | None) -> dict:
-    """`vllm.LLM` keyword arguments from upft.sampling; null settings get this device's defaults."""
+LORA_ID = 1  # the one adapter each engine serves
+
+
+def engine_options(model: TrainedModel, sampling, max_model_len: int | None) -> dict:
+    """`vllm.LLM` keyword arguments from upft.sampling (resolved); null settings get this device's defaults.
+    An adapter is served by vLLM's LoRA support, at the smallest max_lora_rank vLLM allows that holds it."""
     cpu = sampling_device().type == "cpu"
     options = {
-        "model": base_model,
+        "model": model.base_model,
         "tensor_parallel_size": sampling.tensor_parallel_size,
-        "dtype": resolve_dtype(sampling.dtype),
+        "dtype": sampling.dtype,
         # the model's generation_config.json sets no default, as in the hf backend
         "generation_config": "vllm",
-        "max_model_len": sampling.max_model_len or max_model_len,
+        "max_model_len": max_model_len,
         "enforce_eager": cpu if sampling.enforce_eager is None else sampling.enforce_eager,
     }
     memory = sampling.gpu_memory_utilization or (VLLM_CPU_MEMORY_SHARE if cpu else None)
     if memory is not None:
         options["gpu_memory_utilization"] = memory
+    if model.adapter is not None:
+        options |= {"enable_lora": True, "max_loras": 1, "max_lora_rank": lora_rank(model.adapter)}
     if cpu:
         # vLLM 0.32's CPU worker dies on a seeded request whose prefill is split over steps ("CPU Generator
         # does not use offset"), so every prompt is prefilled whole there.
@@ -448,20 +564,33 @@ def engine_options(base_model: str, sampling, max_model_len: int | None) -> dict
     return options
 
 
-class VLLMSampler:
-    """vLLM's offline engine; every request carries its own seed (batch seed + position). The engine runs
-    in child processes, so `close` gives all of its memory back before training loads the model."""
+def lora_rank(adapter: str) -> int:
+    """The smallest max_lora_rank vLLM allows that holds the adapter's largest rank."""
+    from vllm.config.lora import MaxLoRARanks
 
-    def __init__(self, base_model: str, sampling, max_model_len: int | None = None):
+    config = json.loads(Path(adapter, "adapter_config.json").read_text())
+    rank = max([config["r"], *(config.get("rank_pattern") or {}).values()])
+    return min(r for r in typing.get_args(MaxLoRARanks) if r >= rank)
+
+
+class VLLMSampler:
+    """vLLM's offline engine on the model as trained: base weights (a pre-quantized checkpoint by its own
+    config) plus any adapter through vLLM's LoRA support (`LoRARequest`). Every request carries its own seed
+    (batch seed + position). The engine runs in child processes, so `close` gives all of its memory back
+    before training loads the model."""
+
+    def __init__(self, model: TrainedModel, sampling, max_model_len: int | None = None):
         if not is_vllm_available():
-            raise ImportError('upft.sampling.backend: vllm needs vLLM: pip install "axolotl-upft[vllm]"')
+            raise ImportError(VLLM_MISSING)
         os.environ.setdefault("VLLM_LOGGING_STREAM", "ext://sys.stderr")  # stdout stays the commands' output
         from vllm import LLM
+        from vllm.lora.request import LoRARequest
         from vllm.v1.engine.exceptions import EngineDeadError
 
-        options = engine_options(base_model, sampling, max_model_len)
+        options = engine_options(model, sampling, max_model_len)
         LOG.info("UPFT: starting vLLM for self-sampling: %s", options)
         self.llm = None
+        self.lora = LoRARequest("upft", LORA_ID, model.adapter) if model.adapter else None
         try:
             with engine_environment(sampling.tensor_parallel_size):
                 self.llm = LLM(**options)
@@ -471,8 +600,8 @@ class VLLMSampler:
             )
         except (RuntimeError, ValueError, NotImplementedError, EngineDeadError) as err:
             self.close()
-            raise ValueError(
-                f"upft.sampling.backend: vLLM could not run {base_model} ({err} Its log above has the "
+            raise EngineRefused(
+                f"upft.sampling.backend: vLLM could not run {model.base_model} ({err} Its log above has the "
                 "cause.) Set upft.sampling.backend: hf to sample with the plugin's own decode loop instead, "
                 "or change the vLLM setting the log names (upft.sampling.max_model_len, "
                 "gpu_memory_utilization, dtype)."
@@ -482,9 +611,8 @@ class VLLMSampler:
         from vllm import SamplingParams, TokensPrompt
 
         params = [SamplingParams(**kwargs) for kwargs in vllm_sampling_params(len(prompts), **options)]
-        outputs = self.llm.generate(
-            [TokensPrompt(prompt_token_ids=p) for p in prompts], params, use_tqdm=False
-        )
+        prompts = [TokensPrompt(prompt_token_ids=p) for p in prompts]
+        outputs = self.llm.generate(prompts, params, use_tqdm=False, lora_request=self.lora)
         return [cut_at_stop(list(o.outputs[0].token_ids), frozenset(options["stop_ids"])) for o in outputs]
 
     def close(self) -> None:
@@ -499,8 +627,21 @@ class VLLMSampler:
             multiprocessing.active_children()  # reaps the stopped engine process (no zombie left)
 
 
-def load_sampler(base_model: str, sampling, max_model_len: int | None = None):
-    """The sampler upft.sampling asks for; `max_model_len` is the run's longest prompt + generation."""
-    if resolve_backend(sampling.backend) == "vllm":
-        return VLLMSampler(base_model, sampling, max_model_len)
-    return HFSampler.load(base_model, sampling.cache_implementation, dtype=sampling.dtype)
+class EngineRefused(ValueError):
+    """vLLM's engine would not start (or take its first step) on the model with these settings."""
+
+
+def load_sampler(model: TrainedModel, sampling, max_model_len: int | None = None):
+    """The one sampler factory of sampling, eval and analyze, from upft.sampling resolved once
+    (`resolve_sampling`); `max_model_len` is `engine_length`'s. With `backend: auto`, an engine that refuses
+    the model at start falls back to the hf loop with one log line; `backend: vllm` keeps the error."""
+    if sampling.backend == "vllm":
+        try:
+            return VLLMSampler(model, sampling, max_model_len)
+        except EngineRefused as err:
+            if not sampling._auto:
+                raise
+            LOG.warning(
+                "UPFT: backend auto: vLLM refused %s, sampling with the hf loop: %s", model.base_model, err
+            )
+    return HFSampler.load(model, sampling)

@@ -1,13 +1,15 @@
-"""Answer extraction and grading for the evaluation protocol: last ``\\boxed{}`` vs. gold, by math-verify."""
+"""Answer extraction and grading for the evaluation protocol: the last ``\\boxed{}`` after any ``<think>``
+block vs. gold, by math-verify."""
 
-import logging
 import math
 import os
 import re
 import threading
 from pathlib import Path
 
-LOG = logging.getLogger(__name__)
+from .logs import get_logger
+
+LOG = get_logger(__name__)
 
 BENCHMARKS = {
     "gsm8k": "gsm8k_test.jsonl",
@@ -21,6 +23,18 @@ _BOX_OPEN = re.compile(r"\\(?:boxed|fbox)\s*\{")
 _BOX_BARE = re.compile(r"\\boxed\s+([^\s${}]+)")
 _HASHES = re.compile(r"####\s*(.+?)\s*$")
 _ANSWER_IS = re.compile(r"answer\s+is\s*:?\s*(.+)", re.IGNORECASE)
+
+
+_THINK_OPEN, _THINK_CLOSE = "<think>", "</think>"
+
+
+def final_part(text: str) -> str:
+    """The text graded: what follows the reasoning block of an R1-style trace (after the last ``</think>``,
+    which is there alone when the prompt pre-fills ``<think>``), none of a block left open (cut while
+    reasoning), the whole text when there is no block."""
+    if _THINK_CLOSE in text:
+        return text.rsplit(_THINK_CLOSE, 1)[1]
+    return text.split(_THINK_OPEN, 1)[0]
 
 
 def _box_contents(text: str, start: int) -> str | None:
@@ -52,10 +66,12 @@ def _answer_is(text: str) -> str | None:
 
 
 def extract_answer(text: str) -> str | None:
-    """The model's final answer: last ``\\boxed{}``/``\\fbox{}``, else ``#### N``, else "the answer is N".
+    """The model's final answer: last ``\\boxed{}``/``\\fbox{}``, else ``#### N``, else "the answer is N",
+    read after the reasoning block when there is one (``final_part``).
 
     A last box that never closes (a truncated generation) counts as no answer.
     """
+    text = final_part(text or "")
     if not text:
         return None
     opens = list(_BOX_OPEN.finditer(text))
@@ -75,8 +91,9 @@ _NUMBER = re.compile(r"-?\d{1,3}(?:,\d{3})+(?:\.\d+)?|-?\d+(?:\.\d+)?")
 
 
 def extract_last_number(text: str) -> str | None:
-    """The last number of ``text``, thousands commas dropped, as lm-eval-harness's ``flexible-extract``."""
-    numbers = _NUMBER.findall(text or "")
+    """The last number of ``text`` after its reasoning block (``final_part``), thousands commas dropped, as
+    lm-eval-harness's ``flexible-extract``."""
+    numbers = _NUMBER.findall(final_part(text or ""))
     return numbers[-1].replace(",", "") if numbers else None
 
 

@@ -7,7 +7,6 @@ becomes of its record. A plan never depends on what is cached, so a resumed run 
 clean run would have drawn.
 """
 
-import logging
 import os
 import time
 from collections.abc import Callable, Sequence
@@ -19,8 +18,9 @@ from tqdm.auto import tqdm
 
 from .cache import Record, SampleCache, digest, ids_digest
 from .distributed import Distributed, Heartbeat
+from .logs import get_logger
 
-LOG = logging.getLogger(__name__)
+LOG = get_logger(__name__)
 LOG_SECONDS = 60  # how often rank 0 says whom it waits for
 
 
@@ -80,6 +80,21 @@ def widths(requests: Sequence[Request]) -> dict[str, int]:
     for r in requests:
         out[r.kind] = max(out.get(r.kind, 0), len(r.prompt_ids))
     return out
+
+
+def widest(requests: Sequence[Request]) -> int:
+    """The longest prompt of any request."""
+    return max(len(r.prompt_ids) for r in requests)
+
+
+def context_cut(requests: Sequence[Request], records: dict[int, Record], length: int | None) -> int:
+    """Generations that ran into the end of an engine context of `length` positions before a stop id."""
+    if length is None:
+        return 0
+    return sum(
+        not records[r.index].stopped and len(r.prompt_ids) + len(records[r.index].ids) >= length
+        for r in requests
+    )
 
 
 def longest(requests: Sequence[Request], limits: dict[str, int]) -> int:

@@ -1,6 +1,5 @@
 """Axolotl glue: the `upft:` args, `type: upft`, and the prepared-data hash."""
 
-import logging
 import os
 import sys
 import time
@@ -10,9 +9,11 @@ from axolotl.integrations.base import BasePlugin, PluginManager
 
 from .args import ARGS_PATH, UPFTConfig, misplaced_keys, uses_upft
 from .cache import weight_files
+from .inputs import check_inputs
+from .logs import get_logger
 
 HASHED_CFG_KEYS = ("upft", "base_model", "upft_model")  # upft_model: set by register
-LOG = logging.getLogger(__name__)
+LOG = get_logger(__name__)
 
 
 class UPFTPlugin(BasePlugin):
@@ -51,6 +52,10 @@ class UPFTPlugin(BasePlugin):
         name = next((name for name, plugin in plugins.items() if plugin is self), None)
         if name is not None:
             plugins.move_to_end(name, last=False)
+
+    def load_datasets(self, cfg, preprocess: bool = False):
+        """Local question files and cache_dir, checked before Axolotl loads the data."""
+        check_inputs(cfg)
 
     def get_trainer_cls(self, cfg):
         """`upft.loss_normalization: sample` (the default): every row weighs the same, as at micro-batch 1."""
@@ -91,7 +96,8 @@ class UPFTPlugin(BasePlugin):
         self._trained = True
 
     def post_train_unload(self, cfg):
-        """`upft.eval_after_train`: greedy accuracy of what this run saved, once the trainer is freed."""
+        """`upft.eval_after_train`: greedy accuracy of what this run saved, in a child process: this one may
+        still hold the trained model (Axolotl only drops its names), and vLLM needs the device's memory."""
         if cfg.get("upft") is None or int(os.environ.get("RANK", "0")) != 0 or not self._trained:
             return
         upft = UPFTConfig.from_cfg(cfg)
@@ -100,24 +106,54 @@ class UPFTPlugin(BasePlugin):
         saved = weight_files(out)
         if not upft.eval_after_train or not any(p.stat().st_mtime >= self._started for p in saved):
             return
-        from .dataset import config_chat_format
-        from .evaluate import evaluate
+        import multiprocessing
 
-        chat = config_chat_format(cfg)  # the prompts this run trained on
-        adapter = str(out) if cfg.adapter else None
-        model_path = cfg.base_model if adapter else str(out)
-        for benchmark in upft.eval_after_train:
-            summary = evaluate(
-                model_path,
-                benchmark,
-                adapter=adapter,
-                output_dir=out / "eval",
-                system_prompt=upft.system_prompt,
-                max_new_tokens=upft.sampling.max_new_tokens,
-                chat=chat,
-                backend=upft.sampling.backend,
+        from .evaluate import check_adapter
+
+        check_adapter(saved_model(cfg)[1])  # a sentence here, before a child process starts
+
+        child = multiprocessing.get_context("spawn").Process(target=evaluate_saved, args=(cfg,))
+        child.start()
+        child.join()
+        if child.exitcode != 0:
+            raise RuntimeError(
+                f"upft.eval_after_train: the evaluation of {out} failed (exit code {child.exitcode}; the "
+                "error is above). The model is saved: evaluate it with "
+                "`axolotl-upft eval --config <this config>`."
             )
-            LOG.info("UPFT eval %s: %.1f%% of %d", benchmark, summary["accuracy"], summary["n"])
+
+
+def saved_model(cfg) -> tuple[str, str | None]:
+    """(model, adapter) a run saved in output_dir: base_model + the adapter, or the full model."""
+    if cfg.adapter:
+        return cfg.base_model, str(cfg.output_dir)
+    return str(cfg.output_dir), None
+
+
+def evaluate_saved(cfg) -> None:
+    """upft.eval_after_train's benchmarks on what the run saved, with the config's prompts and upft.sampling
+    (the rule of `eval --config`: `evaluate.eval_sampling`)."""
+    from axolotl.logging_config import configure_logging
+
+    from .dataset import config_chat_format
+    from .evaluate import eval_fields, evaluate
+
+    configure_logging()
+    upft = UPFTConfig.from_cfg(cfg)
+    chat = config_chat_format(cfg)  # the prompts this run trained on
+    model_path, adapter = saved_model(cfg)
+    for benchmark in upft.eval_after_train:
+        summary = evaluate(
+            model_path,
+            benchmark,
+            adapter=adapter,
+            output_dir=Path(cfg.output_dir) / "eval",
+            system_prompt=upft.system_prompt,
+            chat=chat,
+            sampling=upft.sampling,
+            **eval_fields(benchmark, upft),
+        )
+        LOG.info("UPFT eval %s: %.1f%% of %d", benchmark, summary["accuracy"], summary["n"])
 
 
 def refuse_misplaced_keys(cfg) -> None:

@@ -1,14 +1,17 @@
 """Pure prompt handling: find the question in a row and render chat prompts to token ids."""
 
+import string
 from dataclasses import dataclass, field
-from functools import cached_property
+from functools import cache, cached_property
 from typing import Any
 
 QUESTION_FIELDS = ("question", "problem", "prompt", "instruction")
+TEMPLATE_KEY = "upft.question_template"
 
 
 def _fields(row: dict[str, Any]) -> str:
-    return ", ".join(sorted(row)) or "(none)"
+    """The row's fields that hold a value (the JSON loader gives every row every column, null if absent)."""
+    return ", ".join(sorted(k for k, v in row.items() if v is not None)) or "(none)"
 
 
 def question_text(
@@ -16,14 +19,7 @@ def question_text(
 ) -> str:
     """The question of one data row, by template, by field, or auto-detected."""
     if template is not None:
-        try:
-            text = template.format(**row)
-        except (KeyError, IndexError) as err:
-            raise ValueError(
-                f"upft.question_template: row {index} has no field {err} (its fields: {_fields(row)}). "
-                "Use only those names in the template."
-            ) from None
-        source = "upft.question_template"
+        text, source = render_template(template, row, index), TEMPLATE_KEY
     elif field is not None:
         if field not in row:
             raise ValueError(
@@ -39,6 +35,54 @@ def question_text(
             "Fix or drop that row, or point upft.question_field / upft.question_template elsewhere."
         )
     return text
+
+
+@cache  # parsed once per template, not once per row
+def template_fields(template: str) -> tuple[tuple[str, str | None], ...]:
+    """The (literal text, field name or None) pieces of a question template. Only plain `{field}` names are
+    allowed: no attribute access, index, conversion or format spec; `{{` and `}}` are literal braces."""
+    try:
+        pieces = list(string.Formatter().parse(template))
+    except ValueError as err:
+        raise ValueError(
+            f"{TEMPLATE_KEY}: {template!r} is not a valid template ({err}). Write each field as "
+            "{name}, and a literal brace as {{ or }}."
+        ) from None
+    for _, name, spec, conversion in pieces:
+        if name is not None and not (_plain(name) and not spec and not conversion):
+            shown = name + (f"!{conversion}" if conversion else "") + (f":{spec}" if spec else "")
+            raise ValueError(
+                f"{TEMPLATE_KEY}: {{{shown}}} in {template!r} is not a plain field name. Write each field as "
+                "{name}, a column of the rows (attribute access, indexing and format specs are not allowed)."
+            )
+    if all(name is None for _, name, _, _ in pieces):
+        raise ValueError(
+            f"{TEMPLATE_KEY}: {template!r} names no field, so every question would be the same text. "
+            "Write the question's columns as {name}, e.g. '{Body} {Question}'."
+        )
+    return tuple((literal, name) for literal, name, _, _ in pieces)
+
+
+def _plain(name: str) -> bool:
+    return bool(name.strip()) and not name.isdigit() and not set(name) & set(".[]")
+
+
+def render_template(template: str, row: dict[str, Any], index: int) -> str:
+    """The question of one row by template; a field that is missing or null stops with the row named (the
+    JSON loader fills a column some rows lack with null, which would otherwise render as "None")."""
+    parts = []
+    for literal, name in template_fields(template):
+        parts.append(literal)
+        if name is None:
+            continue
+        if row.get(name) is None:
+            raise ValueError(
+                f"{TEMPLATE_KEY}: row {index} has no field '{name}' (missing or null; the row has: "
+                f"{_fields(row)}). "
+                f"Fill it in or drop that row, or name in {TEMPLATE_KEY} only fields every row has."
+            )
+        parts.append(format(row[name]))
+    return "".join(parts)
 
 
 def _auto_question(row: dict[str, Any], index: int) -> tuple[Any, str]:

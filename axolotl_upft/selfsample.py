@@ -1,19 +1,20 @@
 """From data rows to cached samples: the questions, their sampling settings and cache, the run summary."""
 
 import json
-import logging
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
 from .args import SamplingConfig, UPFTConfig
-from .cache import Record, SampleCache, digest, ids_digest, weight_files
+from .cache import Record, SampleCache, check_writable, digest, ids_digest, weight_files
 from .distributed import Distributed
-from .loop import Generated, generate_all, longest, widths
+from .logs import get_logger
+from .loop import Generated, context_cut, generate_all, longest, widest, widths
 from .prompts import ChatFormat, question_text
 from .rows import FULL, PREFIX, question_kinds
+from .trained import TrainedModel
 
-LOG = logging.getLogger(__name__)
+LOG = get_logger(__name__)
 RFT_SAMPLES = 16
 # Beside the weights, what shapes a model's prompts and ids: configs, chat templates (transformers saves
 # them as chat_template.jinja), sentencepiece / tiktoken vocabularies and BPE merges.
@@ -121,13 +122,46 @@ def model_fingerprint(base_model: str) -> dict:
     }
 
 
-def engine_key(backend: str, dtype: str) -> list:
-    """What draws the tokens, for cache keys: the backend (with the hf loop's draw version) and the dtype.
-    The same seed draws other tokens on another engine, so caches never cross engines."""
-    from .generation import DRAW_VERSION, resolve_backend, resolve_dtype
+def engine_key(sampling: SamplingConfig, backend: str | None = None) -> list:
+    """What draws the tokens, for cache keys: the backend of resolved upft.sampling (with the hf loop's draw
+    version) and the dtype. The same seed draws other tokens on another engine, so a key names its engine."""
+    from .generation import DRAW_VERSION
 
-    backend = resolve_backend(backend)
-    return [backend, DRAW_VERSION if backend == "hf" else None, resolve_dtype(dtype)]
+    backend = backend or sampling.backend
+    return [backend, DRAW_VERSION if backend == "hf" else None, sampling.dtype]
+
+
+def keyed_cache(root, meta: dict) -> SampleCache:
+    return SampleCache(root, digest(meta), meta)
+
+
+def engine_cache(root, meta: dict, sampling: SamplingConfig) -> SampleCache:
+    """The sample cache of `meta` drawn by resolved upft.sampling's engine. With `backend: auto`, which
+    depends on what is installed, a finished cache of the other engine for otherwise identical settings is
+    reused (with a log line) rather than everything drawn again."""
+    own = keyed_cache(root, meta | {"engine": engine_key(sampling)})
+    if own.is_complete() or not sampling._auto:
+        return own
+    other = engine_key(sampling, "hf" if sampling.backend == "vllm" else "vllm")
+    found = keyed_cache(root, meta | {"engine": other})
+    if not found.is_complete():
+        return own
+    LOG.warning(
+        "UPFT: backend auto resolved to %s, but %s holds the finished samples %s drew with the same "
+        "settings: reusing them (set upft.sampling.backend to draw with one engine only)",
+        sampling.backend,
+        found.dir,
+        other[0],
+    )
+    return found
+
+
+def context_key(sampling: SamplingConfig) -> dict:
+    """A user-set max_model_len cuts vLLM's traces, so it joins the cache key (unset: the key's prompts,
+    max_new_tokens and model already fix the engine's context)."""
+    if sampling.backend == "vllm" and sampling.max_model_len is not None:
+        return {"max_model_len": sampling.max_model_len}
+    return {}
 
 
 def sampling_settings(s: SamplingConfig, generation_config: dict) -> dict:
@@ -148,7 +182,6 @@ def open_cache(
     settings = sampling_settings(upft.sampling, generation_config)
     stops = stop_ids(chat.tokenizer, generation_config, chat.end_ids)
     meta = {
-        "engine": engine_key(upft.sampling.backend, upft.sampling.dtype),
         "model": model_fingerprint(base_model),
         "chat": chat.key(),
         "sampling": settings,
@@ -159,10 +192,41 @@ def open_cache(
         "prefix_length": upft.prefix_length if any(q.kind == PREFIX for q in questions) else None,
         "questions": len(questions),
         "questions_digest": digest([[q.kind, ids_digest(q.prompt_ids)] for q in questions]),
+        **context_key(upft.sampling),
     }
-    cache = SampleCache(cache_root, digest(meta), meta)
+    cache = engine_cache(cache_root, meta, upft.sampling)
+    if not cache.is_complete():  # a finished cache is only read: it may sit on a read-only disk
+        check_writable(cache.dir, "upft.cache_dir")
+    if not cache.dir.exists():
+        log_why_not_reused(cache)
     cache.open()
     return cache, settings, stops
+
+
+def changed_keys(old: dict, new: dict, prefix: str = "") -> list[str]:
+    """The keys (dotted, one level into nested dicts) whose values differ between two meta.json files."""
+    changed = []
+    for key in sorted((set(old) | set(new)) - {"key", "format"}):
+        a, b = old.get(key), new.get(key)
+        if isinstance(a, dict) and isinstance(b, dict) and not prefix:
+            changed += changed_keys(a, b, f"{key}.")
+        elif a != b:
+            changed.append(prefix + key)
+    return changed
+
+
+def log_why_not_reused(cache: SampleCache) -> None:
+    """A new sample set next to older ones: name what differs from the newest, so a user sees why the
+    samples of an earlier run were not reused."""
+    metas = sorted(cache.dir.parent.glob("*/meta.json"), key=lambda p: p.stat().st_mtime)
+    if not metas:
+        return
+    changed = changed_keys(json.loads(metas[-1].read_text()), cache.meta)
+    LOG.info(
+        "UPFT: the samples in %s were drawn with other settings, not reused (changed: %s); sampling anew",
+        metas[-1].parent,
+        ", ".join(changed) or "nothing in meta.json",
+    )
 
 
 def sample_questions(
@@ -172,23 +236,24 @@ def sample_questions(
     upft: UPFTConfig,
     settings: dict,
     stops: frozenset[int],
-    load_model: Callable[[int], object],
+    model: TrainedModel,
     pad_id: int,
-    base_model: str = "",
     dist: Distributed | None = None,
 ) -> dict[int, Record]:
-    """Sample every question the cache lacks (this rank's share of batches); return all records."""
-    from .generation import call_sizes, resolve_backend, resolve_batch_sizes
+    """Sample every question the cache lacks (this rank's share of batches) with `load_sampler` on `model`
+    and upft.sampling resolved (`resolve_sampling`); return all records."""
+    from .generation import call_sizes, engine_length, load_sampler, resolve_batch_sizes
 
     dist = dist or Distributed()
+    sampling = upft.sampling
     limits = {PREFIX: upft.prefix_length, FULL: settings["max_new_tokens"]}
-    backend = resolve_backend(upft.sampling.backend)
-    sizes = dist.minimum(resolve_batch_sizes(upft.sampling, backend, base_model, widths(questions), limits))
-    sizes = call_sizes(sizes, backend, upft.sampling.cache_implementation)
+    length = engine_length(sampling, model, widest(questions), longest(questions, limits))
+    sizes = resolve_batch_sizes(sampling, sampling.backend, model.base_model, widths(questions), limits)
+    sizes = call_sizes(dist.minimum(sizes), sampling.backend, sampling.cache_implementation)
     generated = generate_all(
         questions,
         cache,
-        lambda: load_model(longest(questions, limits)),
+        lambda: load_sampler(model, sampling, length),
         sizes={kind: sizes[kind] for kind in (PREFIX, FULL) if kind in sizes},
         limits=limits,
         options=sampling_options(settings, stops, pad_id),
@@ -196,10 +261,28 @@ def sample_questions(
         dist=dist,
         desc="UPFT sampling",
     )
+    report_context_cut(questions, generated.records, length)
+    summary = summarize(questions, generated)
     if dist.rank == 0 and not cache.is_complete():
-        cache.write_summary(summarize(questions, generated))
+        cache.write_summary(summary)
+    LOG.info(summary_block(summary, upft, cache))
     dist.barrier()
     return generated.records
+
+
+def report_context_cut(requests, records: dict[int, Record], length: int | None) -> int:
+    """Log how many generations stopped at the engine's context end (max_model_len), not at a stop id."""
+    cut = context_cut(requests, records, length)
+    if cut:
+        LOG.warning(
+            "UPFT: %d of %d generations stopped at the end of the engine's context (max_model_len=%d), not "
+            "at a stop id. Raise upft.sampling.max_model_len (at most the model's max_position_embeddings) "
+            "or shorten the prompts to keep them whole.",
+            cut,
+            len(requests),
+            length,
+        )
+    return cut
 
 
 def sampling_options(settings: dict, stops: frozenset[int], pad_id: int) -> dict:
@@ -220,6 +303,8 @@ def summarize(questions: list[Question], generated: Generated) -> dict:
         "samples_per_question": len(questions) // rows,
         "prefix": len(records) - len(full),
         "full": len(full),
+        "cached": generated.cached,
+        "unfinished": sum(not r.stopped for r in full),
         "tokens_generated": total,
         "tokens_generated_this_run": new_tokens,
         "wall_seconds_this_run": round(seconds, 3),
@@ -227,3 +312,34 @@ def summarize(questions: list[Question], generated: Generated) -> dict:
         "rft16_equivalent_tokens": rft,
         "saving_vs_rft16_percent": round(100 * (1 - total / rft), 2) if rft else None,
     }
+
+
+def engine_choice(backend: str) -> str:
+    """The engine that sampled and why: the setting, and for `auto` whether vLLM is installed."""
+    from .generation import is_vllm_available, resolve_backend
+
+    if backend != "auto":
+        return f"{backend} (upft.sampling.backend: {backend})"
+    why = "vLLM is installed" if is_vllm_available() else "vLLM is not installed"
+    return f"{resolve_backend(backend)} (upft.sampling.backend: auto, {why})"
+
+
+def summary_block(summary: dict, upft: UPFTConfig, cache: SampleCache) -> str:
+    """What sampling did, as one block in the console: engine, counts, cache reuse, speed, cache folder."""
+    samples, cached, full = summary["prefix"] + summary["full"], summary["cached"], summary["full"]
+    speed = f" ({summary['tokens_per_second']} tokens/s)" if summary["tokens_per_second"] else ""
+    each = f"{summary['samples_per_question']} sample(s) each"
+    total, new = summary["tokens_generated"], summary["tokens_generated_this_run"]
+    seconds = summary["wall_seconds_this_run"]
+    limit = f"upft.sampling.max_new_tokens={upft.sampling.max_new_tokens}"
+    lines = [
+        "UPFT sample summary",
+        f"  engine:      {engine_choice(upft.sampling.backend)}",
+        f"  questions:   {summary['questions']} ({each}): {summary['prefix']} prefixes "
+        + f"(k={upft.prefix_length}), {full} full traces",
+        f"  samples:     {cached} of {samples} from the cache, {samples - cached} generated now",
+        f"  tokens:      {total:,} in all, {new:,} generated now in {seconds:.1f} s{speed}",
+        f"  unfinished:  {summary['unfinished']} of {full} full traces reached {limit}",
+        f"  cache:       {cache.dir}  (decoded: axolotl-upft show-samples CONFIG --n 5)",
+    ]
+    return "\n".join(lines)

@@ -41,12 +41,21 @@ from axolotl_upft.generation import (
     left_pad,
     load_model,
     resolve_batch_sizes,
+    resolve_sampling,
     sampling_device,
 )
 from axolotl_upft.loop import Prompt, plan_batches
 from axolotl_upft.prompts import chat_messages, pad_token_id, render_prompt_ids
 from axolotl_upft.rows import FULL, PREFIX, cut_at_stop, question_kinds
 from axolotl_upft.selfsample import read_generation_config, sampling_options, sampling_settings, stop_ids
+from axolotl_upft.trained import TrainedModel
+
+
+def hf_sampling(args):
+    """upft.sampling of the hf loop with this run's cache implementation."""
+    sampling = {"backend": "hf", "cache_implementation": args.cache_implementation}
+    return resolve_sampling(UPFTConfig(sampling=sampling).sampling, TrainedModel(args.model))
+
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT.parent / "shared" / "data" / "gsm8k_test.jsonl"
@@ -115,7 +124,7 @@ def prefix_speed(args, prompts: list[list[int]], options: dict) -> dict:
         },
     )
     sizes = resolve_batch_sizes(upft.sampling, "hf", args.model, {PREFIX: args.width}, {PREFIX: args.k})
-    sampler = HFSampler.load(args.model, args.cache_implementation)
+    sampler = HFSampler.load(TrainedModel(args.model), hf_sampling(args))
     device_type = sampler.model.device.type
     if device_type == "cuda":
         torch.cuda.reset_peak_memory_stats()
@@ -244,8 +253,8 @@ def engine_runners(args, prompts: list[list[int]]) -> tuple[dict, dict]:
         lambda: HFSampler(load_model(args.model, sampling_device()), running=args.batch_size)
     )
     context = max(len(p) for p in prompts) + max(args.k, args.max_new_tokens)
-    sampling = UPFTConfig(sampling={"backend": "vllm"}).sampling
-    vllm, startup["vllm"] = timed(lambda: VLLMSampler(args.model, sampling, max_model_len=context))
+    sampling = resolve_sampling(UPFTConfig(sampling={"backend": "vllm"}).sampling, TrainedModel(args.model))
+    vllm, startup["vllm"] = timed(lambda: VLLMSampler(TrainedModel(args.model), sampling, context))
     pool = call_sizes({"x": args.batch_size}, "hf", "dynamic")["x"]
 
     def plain(ids, limit, settings, seed):
@@ -375,7 +384,7 @@ def main(argv=None) -> dict:
         return result
     kinds = question_kinds(len(texts), args.p, upft.seed)
     limits = {PREFIX: args.k, FULL: args.max_new_tokens}
-    sampler = HFSampler.load(args.model, args.cache_implementation)
+    sampler = HFSampler.load(TrainedModel(args.model), hf_sampling(args))
     sampler.generate(prompts[:2], max_new_tokens=2, seed=0, **options)  # warm-up
     sizes = {PREFIX: args.prefix_batch_size or args.batch_size, FULL: args.batch_size}
 

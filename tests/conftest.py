@@ -1,3 +1,4 @@
+import logging
 import os
 import sys
 from pathlib import Path
@@ -23,6 +24,13 @@ def hf_loop_unless_marked_vllm(request, monkeypatch):
     `auto` in this process except in tests marked `vllm`; configs for subprocesses say `backend: hf`."""
     if request.node.get_closest_marker("vllm") is None:
         monkeypatch.setattr(generation, "is_vllm_available", lambda: False)
+
+
+@pytest.fixture(autouse=True)
+def plugin_logs_reach_caplog(monkeypatch):
+    """Axolotl's logging config (applied once any test imports `axolotl.cli`) keeps `axolotl.*`, the plugin's
+    loggers included, at its own console handlers; caplog listens at the root."""
+    monkeypatch.setattr(logging.getLogger("axolotl"), "propagate", True)
 
 
 @pytest.fixture(scope="session")

@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -97,6 +98,24 @@ def assert_mask_rules(rows: list[dict], tokenizer, k: int) -> None:
     assert prefix and all(r["input_ids"][-1] == tokenizer.eos_token_id for r in prefix)
 
 
+def assert_summary_in_console(log: str, tmp: Path) -> None:
+    """The plugin's lines reach Axolotl's console in Axolotl's format: the sampling summary, then the rows."""
+    (cache,) = (tmp / "prepared" / "upft_samples").iterdir()
+    summary = json.loads((cache / "summary.json").read_text())
+    lines = log.splitlines()
+    (start,) = [i for i, line in enumerate(lines) if line.endswith("UPFT sample summary")]
+    assert "[INFO] [axolotl.integrations.upft.selfsample] UPFT sample summary" in lines[start]
+    block = "\n".join(lines[start + 1 : start + 7])
+    assert "engine:      hf (upft.sampling.backend: hf)" in block
+    assert f"{summary['prefix']} prefixes (k=6), {summary['full']} full traces" in block
+    assert (summary["prefix"], summary["full"]) == (18, 6), "p = 0.25 of 24 questions keep the full trace"
+    assert "0 of 24 from the cache, 24 generated now" in block
+    assert f"{summary['tokens_generated']:,} in all" in block and "tokens/s)" in block
+    assert f"unfinished:  {summary['unfinished']} of 6 full traces" in block
+    assert f"cache:       {cache}" in block
+    assert "[INFO] [axolotl.integrations.upft.dataset] UPFT: 24 rows (18 prefix with k=6, 6 full)" in log
+
+
 @pytest.mark.parametrize("packing", [True, False], ids=["packed", "unpacked"])
 def test_preprocess_then_train_with_the_plugin(packing, tmp_path, tiny_model, tiny_tokenizer, questions):
     config = write_config(tmp_path, tiny_model, questions, sample_packing=packing)
@@ -107,7 +126,7 @@ def test_preprocess_then_train_with_the_plugin(packing, tmp_path, tiny_model, ti
         cfg["upft"]["eval_after_train"] = [str(bench)]
         config.write_text(yaml.safe_dump(cfg))
     log = axolotl("preprocess", config, "--debug", "--debug-num-examples", "24")
-    assert "UPFT sampling" in log
+    assert_summary_in_console(log, tmp_path)
     assert "assistant(-100," in log and "<|im_end|>(3, 3)" in log, (
         "--debug shows the masked prompt and trained EOS"
     )
@@ -124,7 +143,18 @@ def test_preprocess_then_train_with_the_plugin(packing, tmp_path, tiny_model, ti
     assert sorted((tmp_path / "prepared").iterdir()) == prepared, "no new prepared dataset, no new samples"
     assert "train_loss" in log
     assert (tmp_path / "out" / "adapter_model.safetensors").exists()
-    if not packing:
+    if packing:
+        report = subprocess.run(
+            [sys.executable, "-m", "axolotl_upft.cli", "report", str(config), "--rows", "3"],
+            capture_output=True,
+            text=True,
+            timeout=300,
+            check=True,
+            cwd=tmp_path,
+        ).stdout
+        assert "-- prefix" in report and "-- full" in report, "decoded rows of both kinds end the report"
+        assert re.search(r"prefix: \d+\.\d{3} -> \d+\.\d{3}", report), "per-kind losses from the train log"
+    else:
         (summary,) = (tmp_path / "out" / "eval").glob("*/*.summary.json")
         graded = json.loads(summary.read_text())
         expected = (3, str(tiny_model), str(tmp_path / "out"))
@@ -145,6 +175,7 @@ def test_changing_an_upft_setting_makes_a_new_prepared_dataset(tmp_path, tiny_mo
     )
     assert len(prepared) == 2 and first.name in prepared
     assert "UPFT sampling" not in log, "prefix_eos does not change the samples: the sample cache serves them"
+    assert "samples:     24 of 24 from the cache, 0 generated now" in log, "the summary says so"
 
 
 def test_a_plugin_that_fails_to_import_stops_the_run(tmp_path, tiny_model, questions):

@@ -10,6 +10,7 @@ from axolotl.utils.dict import DictDefault
 from axolotl_upft import generation
 from axolotl_upft.args import SamplingConfig, UPFTConfig
 from axolotl_upft.dataset import build_rows
+from axolotl_upft.trained import TrainedModel
 
 
 def run(questions, model, tokenizer, cache, backend):
@@ -50,8 +51,8 @@ def test_auto_backend_samples_with_the_hf_loop_where_vllm_is_missing(
 
 
 def test_the_engine_options_default_to_what_runs_on_cpu_and_on_a_gpu(monkeypatch):
-    sampling = SamplingConfig()
-    cpu = generation.engine_options("m", sampling, 300)
+    sampling = SamplingConfig(dtype="float32")  # as resolve_sampling leaves dtype: auto on CPU
+    cpu = generation.engine_options(TrainedModel("m"), sampling, 300)
     assert cpu == {
         "model": "m",
         "tensor_parallel_size": 1,
@@ -63,11 +64,11 @@ def test_the_engine_options_default_to_what_runs_on_cpu_and_on_a_gpu(monkeypatch
         "enable_chunked_prefill": False,
         "max_num_batched_tokens": 4096,
     }, "vLLM refuses its 0.9 GPU default on CPU, where compiling costs more than it saves"
-    assert generation.engine_options("m", sampling, 9000)["max_num_batched_tokens"] == 9000, (
+    assert generation.engine_options(TrainedModel("m"), sampling, 9000)["max_num_batched_tokens"] == 9000, (
         "unchunked, the longest prompt must fit in one step"
     )
     monkeypatch.setattr(generation, "sampling_device", lambda: torch.device("cuda", 0))
-    gpu = generation.engine_options("m", sampling, 300)
+    gpu = generation.engine_options(TrainedModel("m"), SamplingConfig(dtype="bfloat16"), 300)
     assert (gpu["dtype"], gpu["enforce_eager"], "gpu_memory_utilization" in gpu) == ("bfloat16", False, False)
     assert "enable_chunked_prefill" not in gpu, "chunked prefill stays on where seeded requests survive it"
     set_ = SamplingConfig(
@@ -78,7 +79,7 @@ def test_the_engine_options_default_to_what_runs_on_cpu_and_on_a_gpu(monkeypatch
         tensor_parallel_size=2,
     )
     monkeypatch.undo()
-    assert generation.engine_options("m", set_, 300) | {"model": "m"} == {
+    assert generation.engine_options(TrainedModel("m"), set_, 4096) == {
         "model": "m",
         "tensor_parallel_size": 2,
         "dtype": "float16",

@@ -8,6 +8,7 @@ from axolotl.utils.dict import DictDefault
 from axolotl_upft import generation
 from axolotl_upft.args import UPFTConfig
 from axolotl_upft.dataset import build_rows
+from axolotl_upft.logs import NAMESPACE
 
 
 @pytest.fixture
@@ -252,10 +253,24 @@ def test_generation_config_is_read_from_a_folder_or_the_hub_cache_and_a_failed_r
     snapshot = tmp_path / "hub" / "models--acme--tiny-math" / "snapshots" / ("c" * 40)
     (snapshot / "generation_config.json").write_text('{"top_k": 20}')
     assert read_generation_config("acme/tiny-math") == {"top_k": 20}
-    with caplog.at_level("INFO", logger="axolotl_upft"):
+    with caplog.at_level("INFO", logger=NAMESPACE):
         assert read_generation_config("acme/not-downloaded") == {}
-    (warning,) = [r for r in caplog.records if r.name.startswith("axolotl_upft")]
+    (warning,) = [r for r in caplog.records if r.name.startswith(NAMESPACE)]
     assert warning.levelname == "WARNING" and "top_p, top_k" in warning.getMessage()
     (folder / "generation_config.json").write_text('{"top_p": ')
     with pytest.raises(json.JSONDecodeError):
         read_generation_config(str(folder))  # a broken file is an error, not "no generation config"
+
+
+def test_a_new_sample_set_next_to_an_older_one_logs_which_settings_changed(tmp_path, caplog):
+    from axolotl_upft.cache import SampleCache
+    from axolotl_upft.selfsample import log_why_not_reused
+
+    old = SampleCache(tmp_path, "a" * 64, {"sampling": {"temperature": 0.6, "top_p": 1.0}, "seed": 42})
+    old.open()
+    new = SampleCache(tmp_path, "b" * 64, {"sampling": {"temperature": 0.7, "top_p": 1.0}, "seed": 42})
+    with caplog.at_level("INFO", logger=NAMESPACE):
+        log_why_not_reused(new)
+    (line,) = [r.getMessage() for r in caplog.records if r.name.startswith(NAMESPACE)]
+    assert f"samples in {old.dir} were drawn with other settings" in line
+    assert "(changed: sampling.temperature)" in line, "only the key that differs is named"

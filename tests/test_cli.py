@@ -169,28 +169,58 @@ def test_axolotl_runs_upft_sample_and_upft_eval_from_the_entry_points(tmp_path, 
     assert last_json(sampled.stdout)["questions"] == 24
 
 
-def test_eval_with_the_training_config_renders_its_prompts(tmp_path, tiny_model, questions, monkeypatch):
-    from axolotl_upft import evaluate as ev
+def test_eval_with_the_training_config_renders_its_prompts_and_takes_its_sampling_keys(
+    tmp_path, tiny_model, tiny_tokenizer, questions
+):
+    from axolotl_upft.cache import ids_digest
 
     config = qwen3_thinking_off_config(tmp_path, tiny_model, questions)
     cfg = yaml.safe_load(config.read_text())
-    cfg["upft"]["system_prompt"] = "You are a careful math tutor ."
+    cfg["upft"] |= {"system_prompt": "You are a careful math tutor .", "question_field": "query"}
+    cfg["upft"]["sampling"] |= {"max_new_tokens": 7, "dtype": "float32"}
     config.write_text(yaml.safe_dump(cfg))
-    seen = {}
-
-    def evaluate(model_path, benchmark, **kwargs):
-        seen.update(kwargs, model_path=model_path)
-        return {"benchmark": benchmark}
-
-    monkeypatch.setattr(ev, "evaluate", evaluate)
-    result = invoke("eval", "--config", config, "--benchmark", "gsm8k", "--limit", 1)
+    bench = tmp_path / "mine.jsonl"
+    bench.write_text(json.dumps({"query": "How many ?", "answer": "#### 18"}) + "\n")
+    result = invoke("eval", "--config", config, "--benchmark", bench, "--output", tmp_path / "eval")
     assert result.exit_code == 0, result.output
-    assert seen["model_path"] == str(tiny_model), "--model defaults to the config's base_model"
-    assert seen["system_prompt"] == "You are a careful math tutor ."
-    chat = seen["chat"]
-    prompt = chat.prompt_ids("How many ?", seen["system_prompt"])
-    system = f"<|im_start|>system\n{seen['system_prompt']}<|im_end|>\n"
+    summary = last_json(result.stdout)
+    assert summary["model"] == str(tiny_model), "--model defaults to the config's base_model"
+    assert (summary["max_new_tokens"], summary["backend"]) == (7, "hf"), "upft.sampling, not eval's defaults"
+    assert summary["system_prompt"] == "You are a careful math tutor ."
+    (part,) = (tmp_path / "eval" / "parts" / "mine").glob("*/part-*.jsonl")
+    (record,) = [json.loads(line) for line in part.read_text().splitlines()[1:]]
+    assert len(record["ids"]) <= 7, "the sampler generated at most the config's max_new_tokens"
+    meta = json.loads(part.with_name("meta.json").read_text())
+    assert (meta["engine"], meta["max_new_tokens"]) == (["hf", 2, "float32"], 7)
+    system = f"<|im_start|>system\n{summary['system_prompt']}<|im_end|>\n"
     expected = (
         system + "<|im_start|>user\nHow many ?<|im_end|>\n<|im_start|>assistant\n<think>\n\n</think>\n\n"
     )
-    assert prompt == chat.tokenizer(expected, add_special_tokens=False)["input_ids"]
+    prompt = tiny_tokenizer(expected, add_special_tokens=False)["input_ids"]
+    assert record["q"] == ids_digest(prompt), (
+        "the question from upft.question_field, in the config's template"
+    )
+
+
+def test_eval_reads_the_question_and_answer_fields_it_is_told(tmp_path, tiny_model):
+    bench = tmp_path / "mine.jsonl"
+    bench.write_text(json.dumps({"query": "How many ?", "question": "not this", "solution": "18"}) + "\n")
+    result = invoke(
+        "eval", "--model", tiny_model, "--benchmark", bench, "--output", tmp_path / "eval",
+        "--question-field", "query", "--answer-field", "solution", "--max-new-tokens", 3, "--backend", "hf",
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    summary = last_json(result.stdout)
+    rows = (tmp_path / "eval").glob("*/mine.jsonl")
+    (row,) = [json.loads(line) for path in rows for line in path.read_text().splitlines()]
+    assert (row["question"], row["gold"], summary["max_new_tokens"]) == ("How many ?", "18", 3)
+
+
+def test_the_plugins_commands_turn_off_axolotls_telemetry_unless_the_user_set_it(monkeypatch):
+    """Axolotl's telemetry flush waits for its server at exit: without internet a command hung for minutes."""
+    monkeypatch.delenv("AXOLOTL_DO_NOT_TRACK", raising=False)
+    assert invoke("write-benchmark", "--help").exit_code == 0
+    assert os.environ["AXOLOTL_DO_NOT_TRACK"] == "1"
+    monkeypatch.setenv("AXOLOTL_DO_NOT_TRACK", "0")
+    assert invoke("write-benchmark", "--help").exit_code == 0
+    assert os.environ["AXOLOTL_DO_NOT_TRACK"] == "0", "a user's own setting wins"

@@ -1,4 +1,4 @@
-"""Every example config and every README YAML block validates, and the README shows the real defaults."""
+"""Every example config and YAML block of the README and docs/ validates; the reference shows the defaults."""
 
 import re
 from pathlib import Path
@@ -7,15 +7,18 @@ import pytest
 import yaml
 from axolotl.utils.dict import DictDefault
 
-from axolotl_upft.args import UPFTConfig
+from axolotl_upft.args import SamplingConfig, UPFTConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = sorted((ROOT / "example_configs").glob("*.yml"))
 GPU = {"bf16": True, "fp8": False, "tf32": True, "n_gpu": 8, "compute_capability": "sm_90"}
 
 
-def readme_yaml_blocks() -> list[dict]:
-    text = (ROOT / "README.md").read_text()
+DOCS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
+
+
+def yaml_blocks(*pages: Path) -> list[dict]:
+    text = "\n".join(page.read_text() for page in pages)
     return [yaml.safe_load(block) for block in re.findall(r"```yaml\n(.*?)```", text, re.DOTALL)]
 
 
@@ -53,13 +56,43 @@ def test_deepspeed_configs_named_by_examples_exist():
         assert ds is None or (ROOT / ds).exists(), ds
 
 
-def test_readme_full_config_blocks_validate_through_axolotl():
-    full = [b for b in readme_yaml_blocks() if "base_model" in b]
-    assert full
+def test_full_config_blocks_of_the_readme_and_docs_validate_through_axolotl():
+    full = [b for b in yaml_blocks(*DOCS) if "base_model" in b]
+    assert full and any("base_model" in b for b in yaml_blocks(ROOT / "README.md")), "the quickstart"
     for block in full:
         validate(block)
 
 
-def test_readme_upft_block_lists_every_key_with_the_code_default():
-    (block,) = [b for b in readme_yaml_blocks() if set(b) == {"upft"}]
-    assert block["upft"] == UPFTConfig().model_dump()
+def test_axolotl_refuses_an_example_config_whose_prefix_length_reaches_max_new_tokens():
+    raw = yaml.safe_load((ROOT / "example_configs" / "smollm2-135m-demo.yml").read_text())
+    raw["upft"]["prefix_length"] = raw["upft"]["sampling"]["max_new_tokens"]
+    with pytest.raises(ValueError, match=r"upft\.prefix_length \(256\) must be smaller than upft\.sampling"):
+        validate(raw)
+
+
+def test_the_quickstart_turns_off_what_stops_a_cpu_run():
+    (quickstart,) = [b for b in yaml_blocks(ROOT / "README.md") if "base_model" in b]
+    cpu = {"bf16": False, "lora_mlp_kernel": False, "lora_qkv_kernel": False, "lora_o_kernel": False}
+    assert {key: quickstart.get(key) for key in cpu} == cpu, "Axolotl 0.21 turns these on: no NVIDIA driver"
+
+
+def test_the_reference_page_lists_every_key_with_the_code_default():
+    (block,) = [b for b in yaml_blocks(ROOT / "docs" / "reference.md") if set(b) == {"upft"}]
+    shown, defaults = block["upft"], UPFTConfig().model_dump()
+    for name in UPFTConfig.model_fields:
+        assert name in shown and shown[name] == defaults[name], f"upft.{name}: default {defaults[name]!r}"
+    for name in SamplingConfig.model_fields:
+        expected = defaults["sampling"][name]
+        assert shown["sampling"].get(name, "missing") == expected, (
+            f"upft.sampling.{name}: default {expected!r}"
+        )
+
+
+def test_every_relative_link_in_the_readme_and_docs_resolves():
+    broken = []
+    for page in DOCS:
+        for target in re.findall(r"\]\(([^)\s]+)\)", page.read_text()):
+            path = target.split("#")[0]
+            if path and not re.match(r"[a-z]+:", path) and not (page.parent / path).exists():
+                broken.append(f"{page.relative_to(ROOT)}: {target}")
+    assert broken == []

@@ -154,14 +154,14 @@ def test_questions_are_sharded_by_batch_across_ranks_and_rank_zero_merges(
     model_dir, tmp_path, calls, monkeypatch
 ):
     barrier, loading = threading.Barrier(2, timeout=120), threading.Lock()
-    real_load = ev.load_eval_model
+    real_load = generation.load_model
 
     def load_one_at_a_time(*args):
         # Ranks are threads here; from_pretrained is not thread-safe (real ranks are processes).
         with loading:
             return real_load(*args)
 
-    monkeypatch.setattr(ev, "load_eval_model", load_one_at_a_time)
+    monkeypatch.setattr(generation, "load_model", load_one_at_a_time)
 
     class ThreadRank(Distributed):
         def barrier(self):
@@ -210,6 +210,15 @@ def test_an_adapter_is_merged_and_gets_its_own_table_row(model_dir, tmp_path, ca
     assert arm(tmp_path / "out", model_dir) != arm(tmp_path / "out", model_dir, adapter)
 
 
+def eval_model(model_dir: str, adapter: str | None):
+    """The model the hf loop evaluates: what the one sampler factory loads for (model, adapter)."""
+    from axolotl_upft.args import SamplingConfig
+    from axolotl_upft.trained import TrainedModel
+
+    model = TrainedModel(model_dir, adapter)
+    return generation.load_sampler(model, generation.resolve_sampling(SamplingConfig(), model)).model
+
+
 def test_the_eval_model_with_an_adapter_has_the_peft_models_logits_not_the_bases(model_dir, tmp_path):
     import torch
     from peft import LoraConfig, PeftModel, get_peft_model
@@ -220,8 +229,8 @@ def test_the_eval_model_with_an_adapter_has_the_peft_models_logits_not_the_bases
     get_peft_model(AutoModelForCausalLM.from_pretrained(model_dir), config).save_pretrained(adapter)
     ids = torch.tensor([[4, 5, 6, 7, 8, 9]])
     with torch.no_grad():
-        merged = ev.load_eval_model(model_dir, str(adapter))(input_ids=ids).logits
-        base = ev.load_eval_model(model_dir, None)(input_ids=ids).logits
+        merged = eval_model(model_dir, str(adapter))(input_ids=ids).logits
+        base = eval_model(model_dir, None)(input_ids=ids).logits
         peft = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(model_dir), adapter)
         unmerged = peft.eval()(input_ids=ids).logits
     torch.testing.assert_close(merged, unmerged, atol=1e-4, rtol=1e-4)
@@ -350,3 +359,43 @@ def test_eval_after_train_refuses_an_empty_adapter_instead_of_grading_the_base_m
     with pytest.raises(ValueError, match="stage3_gather_16bit_weights_on_model_save"):
         plugin.post_train_unload(cfg)
     assert not (out / "eval").exists()
+
+
+def saved_adapter(folder, model_dir, *, safe_serialization=True):
+    """A real LoRA adapter of the tiny model, saved by PEFT."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    config = LoraConfig(r=2, target_modules=["q_proj"], task_type="CAUSAL_LM")
+    model = get_peft_model(AutoModelForCausalLM.from_pretrained(model_dir), config)
+    model.save_pretrained(folder, safe_serialization=safe_serialization)
+    return folder
+
+
+def test_a_bin_adapter_beside_the_trainers_training_args_bin_passes_the_adapter_check(model_dir, tmp_path):
+    """`save_safetensors: false` leaves adapter_model.bin next to training_args.bin, a pickled object that
+    `weights_only` loading refuses; the check read every .bin and crashed with UnpicklingError."""
+    import torch
+    from transformers import TrainingArguments
+
+    adapter = saved_adapter(tmp_path / "out", model_dir, safe_serialization=False)
+    torch.save(TrainingArguments(output_dir=str(adapter)), adapter / "training_args.bin")
+    ev.check_adapter(adapter)
+    assert ev.adapter_weights(adapter) == adapter / "adapter_model.bin", "the file PEFT loads"
+
+
+@pytest.mark.parametrize("safe_serialization", [True, False], ids=["safetensors", "bin"])
+@pytest.mark.parametrize("kept", [0.0, 0.5], ids=["zero-bytes", "truncated"])
+def test_a_truncated_adapter_file_is_refused_naming_the_file_and_the_zero3_fix(
+    safe_serialization, kept, model_dir, tmp_path
+):
+    """It raised SafetensorError('header too small') or a zip error, with no word about the adapter."""
+    adapter = saved_adapter(tmp_path / "adapter", model_dir, safe_serialization=safe_serialization)
+    (weights,) = [p for p in adapter.iterdir() if p.stem == "adapter_model"]
+    data = weights.read_bytes()
+    weights.write_bytes(data[: int(len(data) * kept)])
+    message = rf"adapter {adapter}: {weights.name} \(\d+ bytes\) cannot be read .* cut short or never written"
+    with pytest.raises(ValueError, match=message) as err:
+        run("no-such-model", tmp_path / "out", adapter=str(adapter))
+    assert "stage3_gather_16bit_weights_on_model_save: true" in str(err.value)
+    assert not (tmp_path / "out").exists(), "refused before anything was written"

@@ -254,6 +254,22 @@ def test_extract_answer_takes_the_last_complete_final_answer(text, expected):
 
 
 @pytest.mark.parametrize(
+    ("text", "strict", "flexible"),
+    [
+        ("<think>2 + 3 = \\boxed{5}? No, 3 + 4.</think> The answer is 7.", "7", "7"),
+        ("<think>so \\boxed{7}</think> Final: 8", None, "8"),
+        ("(pre-filled <think>) 2 + 3 = \\boxed{5}? No.\n</think>\n\nSo \\boxed{7}.", "7", "7"),
+        ("<think>a</think> \\boxed{5} <think>b</think> then \\boxed{6}", "6", "6"),
+        ("<think>cut while reasoning: \\boxed{5}, or 6", None, None),
+        ("Plain: \\boxed{5} then 6", "5", "5"),
+    ],
+)
+def test_an_r1_trace_is_graded_on_what_follows_its_reasoning_block_never_inside_it(text, strict, flexible):
+    assert extract_answer(text) == strict
+    assert extract_answer_flexible(text) == flexible
+
+
+@pytest.mark.parametrize(
     ("text", "expected"),
     [
         ("The final answer to this arithmetic problem is 6.", "6"),
@@ -342,3 +358,21 @@ def test_a_jsonl_path_is_used_as_is_and_an_unknown_name_lists_the_known_ones(tmp
     assert benchmark_path(str(mine)) == mine
     with pytest.raises(ValueError, match="gsm8k"):
         benchmark_path("gsm9k")
+
+
+def test_think_tags_survive_decoding_so_eval_and_rft_grade_the_answer_after_the_reasoning(tmp_path):
+    """Through the real decode (`skip_special_tokens=True`) of a tokenizer that adds <think> tokens as
+    R1 and Qwen3 do, in eval's `grade` and in `is_correct` (rft, label_filter, analyze)."""
+    import tiny
+
+    from axolotl_upft.cache import Record
+    from axolotl_upft.evaluate import grade
+
+    tokenizer = tiny.build_tokenizer(tmp_path, ["The answer is 5 7 ."])
+    tokenizer.add_tokens(["<think>", "</think>"])
+    revised = tokenizer.encode("<think> The answer is 5 </think> The answer is 7 .", add_special_tokens=False)
+    wrong = tokenizer.encode("<think> The answer is 7 </think> The answer is 5 .", add_special_tokens=False)
+    assert grading.is_correct(tokenizer, revised, "7") and not grading.is_correct(tokenizer, wrong, "7")
+    records = [Record(i, "full", "", ids, True) for i, ids in enumerate([revised, wrong])]
+    rows = grade(tokenizer, ["q", "q"], ["7", "7"], records)
+    assert [(row["answer"], row["correct"]) for row in rows] == [("7", True), ("5", False)]

@@ -1,10 +1,14 @@
-"""The documented install: a wheel built with `python -m build` installs into a fresh venv, with the shim."""
+"""The documented install: the sdist builds a wheel that installs into a fresh venv with the shim, both pass
+`twine check`, and the README's GPU install resolves for Linux x86_64 / CPython 3.12 / CUDA from metadata."""
 
+import json
 import os
+import re
 import shutil
 import subprocess
 import sys
 import sysconfig
+import urllib.request
 from pathlib import Path
 
 import pytest
@@ -49,11 +53,56 @@ def run(*args, **kwargs) -> str:
     return done.stdout
 
 
-def test_a_built_wheel_installs_into_a_fresh_venv_and_upft_plugin_resolves_through_the_shim(tmp_path):
-    source = tmp_path / "src"
+@pytest.fixture(scope="module")
+def dist(tmp_path_factory) -> Path:
+    """`python -m build` as a release does: the sdist first, then the wheel built from the sdist."""
+    tmp = tmp_path_factory.mktemp("build")
+    source = tmp / "src"
     shutil.copytree(ROOT, source, ignore=LEFT_OUT)
-    run(sys.executable, "-m", "build", "--wheel", "--no-isolation", "--outdir", tmp_path / "dist", source)
-    (wheel,) = (tmp_path / "dist").glob("axolotl_upft-*.whl")
+    run(sys.executable, "-m", "build", "--no-isolation", "--outdir", tmp / "dist", source)
+    return tmp / "dist"
+
+
+def test_the_wheel_and_the_sdist_pass_twine_check(dist):
+    files = sorted(dist.glob("axolotl_upft-*"))
+    assert sorted(f.suffix for f in files) == [".gz", ".whl"], "one sdist, and the wheel built from it"
+    assert "PASSED" in run(sys.executable, "-m", "twine", "check", "--strict", *files)
+
+
+def pypi_reachable() -> bool:
+    try:
+        with urllib.request.urlopen("https://pypi.org/simple/vllm/", timeout=15):
+            return True
+    except OSError:
+        return False
+
+
+def readme_gpu_extras() -> str:
+    """The extras of the README's GPU install line (`pip install ".[vllm]"  # GPU ...`)."""
+    (line,) = [line for line in (ROOT / "README.md").read_text().splitlines() if re.search(r"# GPU\b", line)]
+    return re.search(r"\.\[([\w,]+)\]", line).group(1)
+
+
+def test_the_readme_gpu_install_resolves_for_linux_cuda_and_cpython_312_from_metadata(dist, tmp_path):
+    if not pypi_reachable():
+        pytest.skip("pypi.org cannot be reached: the resolver test reads the packages' metadata from it")
+    (wheel,) = dist.glob("*.whl")
+    extras = readme_gpu_extras()
+    (tmp_path / "gpu.in").write_text(f"axolotl-upft[{extras}] @ {wheel.as_uri()}\n")
+    command = [sys.executable, "-m", "uv", "pip", "compile", tmp_path / "gpu.in", "--no-header", "-q"]
+    platform = ["--python-platform", "x86_64-manylinux_2_28", "--python-version", "3.12"]
+    pins = dict(
+        line.split("==", 1)
+        for line in run(*command, *platform, "--index-url", "https://pypi.org/simple").splitlines()
+        if "==" in line
+    )
+    assert pins["vllm"].startswith("0.30."), "the vllm extra's range: the releases that fit axolotl 0.21"
+    assert pins["axolotl"].startswith("0.21.")
+    assert "+cpu" not in pins["torch"] and any(name.startswith("nvidia-") for name in pins), "CUDA wheels"
+
+
+def test_the_wheel_built_from_the_sdist_installs_into_a_fresh_venv_and_upft_plugin_resolves(dist, tmp_path):
+    (wheel,) = dist.glob("axolotl_upft-*.whl")
 
     venv = tmp_path / "venv"
     run(sys.executable, "-m", "venv", "--without-pip", venv)
@@ -68,8 +117,6 @@ def test_a_built_wheel_installs_into_a_fresh_venv_and_upft_plugin_resolves_throu
     run(sys.executable, "-m", "pip", "--python", python, "install", "--no-deps", "--no-index", "-q", wheel)
 
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
-    import json
-
     found = json.loads(run(python, "-c", CHECK, cwd=tmp_path, env=env).splitlines()[-1])
     assert Path(found["package"]).is_relative_to(site), "axolotl_upft comes from the wheel"
     assert Path(found["shim"]) == site / "axolotl" / "integrations" / "upft" / "__init__.py"

@@ -25,8 +25,9 @@ def tiny_config(tmp: Path, model: Path, questions: list[dict], source: dict, **o
     """`source` on the tiny model, 24 local questions and CPU precision; every other key as shipped."""
     kept = {k: v for k, v in source.items() if k not in SWAPPED}
     upft = kept["upft"] | {
+        "prefix_length": min(kept["upft"]["prefix_length"], 8),  # below max_new_tokens, as upft: requires
         "sampling": kept["upft"].get("sampling", {})
-        | {"max_new_tokens": 16, "batch_size": 8, "backend": "hf"}
+        | {"max_new_tokens": 16, "batch_size": 8, "backend": "hf"},
     }
     if "deepspeed" in kept:
         kept["deepspeed"] = str(ROOT / kept["deepspeed"])

