@@ -87,6 +87,7 @@ def test_vllm_rows_are_the_rows_the_hf_path_builds_from_the_same_samples(
     """vLLM's samples, copied into a cache keyed for the hf loop: `build_rows` with backend hf then samples
     nothing and must build exactly the rows `axolotl preprocess` built with vLLM."""
     from axolotl_upft.dataset import chat_format
+    from axolotl_upft.generation import resolve_sampling
     from axolotl_upft.selfsample import open_cache, prepare_questions
 
     _, rows = prepared_rows(preprocessed.parent)
@@ -95,8 +96,11 @@ def test_vllm_rows_are_the_rows_the_hf_path_builds_from_the_same_samples(
     upft = UPFTConfig(**block | {"sampling": block["sampling"] | {"backend": "hf"}})
     cfg = DictDefault(raw)
     chat = chat_format(tiny_tokenizer, cfg)
+    resolved = upft.model_copy(
+        update={"sampling": resolve_sampling(upft.sampling, TrainedModel(cfg.base_model))}
+    )
     cache, _, _ = open_cache(
-        str(tmp_path), cfg.base_model, chat, upft, prepare_questions(questions[:24], chat, upft)
+        str(tmp_path), cfg.base_model, chat, resolved, prepare_questions(questions[:24], chat, upft)
     )
     copied = cache.write_part(list(records(preprocessed).values()))
     hf = build_rows(questions[:24], tiny_tokenizer, cfg, upft)
