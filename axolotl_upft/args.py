@@ -220,7 +220,16 @@ class UPFTConfig(BaseModel):
 class UPFTArgs(BaseModel):
     """Axolotl input args added by the plugin."""
 
-    upft: UPFTConfig | None = Field(None, description="Unsupervised Prefix Fine-Tuning settings.")
+    upft: UPFTConfig | None = Field(
+        None,
+        description="Unsupervised Prefix Fine-Tuning settings; absent or null with a `type: upft` dataset "
+        "means every default.",
+    )
+    upft_model: dict | None = Field(
+        None,
+        description="Set by the plugin, not a setting: the base model's fingerprint (its weight, config, "
+        "tokenizer and template files, or a hub id's revision), part of the prepared-data hash.",
+    )
 
 
 def upft_dataset_entries(cfg) -> list[dict]:
@@ -231,3 +240,16 @@ def upft_dataset_entries(cfg) -> list[dict]:
 def first_upft_dataset(cfg) -> dict | None:
     """The first `type: upft` entry of a config's `datasets:`, or None."""
     return next(iter(upft_dataset_entries(cfg)), None)
+
+
+def uses_upft(cfg) -> bool:
+    """A config with a `upft:` block or a `type: upft` dataset: UPFT samples, trains and hashes it."""
+    return cfg.get("upft") is not None or first_upft_dataset(cfg) is not None
+
+
+def misplaced_keys(cfg, known: set[str]) -> dict[str, str]:
+    """Top-level keys of a raw config that are `upft:` settings and not `known` (Axolotl's own and other
+    plugins'), which Axolotl would drop without a word, each with where it belongs."""
+    places = {key: f"upft.sampling.{key}" for key in SamplingConfig.model_fields}
+    places |= {key: f"upft.{key}" for key in UPFTConfig.model_fields}
+    return {key: places[key] for key in cfg if key in places and key not in known}

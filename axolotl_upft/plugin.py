@@ -5,14 +5,14 @@ import sys
 import time
 from pathlib import Path
 
-from axolotl.integrations.base import BasePlugin
+from axolotl.integrations.base import BasePlugin, PluginManager
 
-from .args import ARGS_PATH, UPFTConfig
+from .args import ARGS_PATH, UPFTConfig, misplaced_keys, uses_upft
 from .cache import weight_files
 from .inputs import check_inputs
 from .logs import get_logger
 
-HASHED_CFG_KEYS = ("upft", "base_model", "upft_model")  # upft_model: set by load_datasets
+HASHED_CFG_KEYS = ("upft", "base_model", "upft_model")  # upft_model: set by register
 LOG = get_logger(__name__)
 
 
@@ -26,6 +26,8 @@ class UPFTPlugin(BasePlugin):
         return ARGS_PATH
 
     def register(self, cfg):
+        """Runs on the raw config, before Axolotl validates it, in every command and in scripts that call
+        load_cfg: the checks that must come before any sampling, and the model's fingerprint."""
         self._started = time.time()
         from axolotl.utils.data import shared
 
@@ -35,18 +37,25 @@ class UPFTPlugin(BasePlugin):
         # Axolotl's prepared-data hash ignores plugin keys; UPFT rows depend on these.
         missing = tuple(k for k in HASHED_CFG_KEYS if k not in shared.DATASET_HASH_CONFIG_EXTRA_FIELDS)
         shared.DATASET_HASH_CONFIG_EXTRA_FIELDS = shared.DATASET_HASH_CONFIG_EXTRA_FIELDS + missing
+        self._ask_first()
+        refuse_misplaced_keys(cfg)
+        if uses_upft(cfg):
+            cfg["upft"] = cfg.get("upft") or {}  # no block means the defaults, for every hook alike
+            if cfg.get("trainer_cls"):
+                check_trainer_cls(cfg.trainer_cls)
+            cfg["upft_model"] = hashed_fingerprint(cfg)
+
+    def _ask_first(self):
+        """Axolotl takes the first plugin's trainer; UPFT composes its loss over another plugin's trainer
+        (get_trainer_cls), so it is asked first."""
+        plugins = PluginManager.get_instance().plugins
+        name = next((name for name, plugin in plugins.items() if plugin is self), None)
+        if name is not None:
+            plugins.move_to_end(name, last=False)
 
     def load_datasets(self, cfg, preprocess: bool = False):
-        """Runs before Axolotl hashes and loads the data: the sampled model's identity (the sample cache
-        key's files, sizes and dates, or a hub id's revision; its quantization and adapter) joins the
-        hash, so changed weights rebuild the rows."""
+        """Local question files and cache_dir, checked before Axolotl loads the data."""
         check_inputs(cfg)
-        if cfg.get("upft") is not None:
-            from .selfsample import model_fingerprint
-            from .trained import TrainedModel
-
-            sampled = TrainedModel.from_cfg(cfg, UPFTConfig.from_cfg(cfg).sampling)
-            cfg["upft_model"] = {"model": model_fingerprint(cfg.base_model), **sampled.key()}
 
     def get_trainer_cls(self, cfg):
         """`upft.loss_normalization: sample` (the default): every row weighs the same, as at micro-batch 1."""
@@ -55,14 +64,33 @@ class UPFTPlugin(BasePlugin):
         upft = UPFTConfig.from_cfg(cfg)
         if upft.loss_normalization == "token":
             return None
+        from .trainer import sample_normalized_trainer
+
+        base, owner = self._base_trainer(cfg)
+        return sample_normalized_trainer(base, prefix_length=upft.prefix_length, owner=owner)
+
+    def _base_trainer(self, cfg) -> tuple[type, str]:
+        """Axolotl's own SFT choice (core/builders/causal.py): another plugin's trainer, else
+        cfg.trainer_cls, else AxolotlTrainer; with who chose it."""
         from axolotl.core.trainers.base import AxolotlTrainer
         from axolotl.utils.import_helper import get_cls_from_module_str
 
-        from .trainer import sample_normalized_trainer
-
-        # Axolotl's own SFT choice (core/builders/causal.py): cfg.trainer_cls, else AxolotlTrainer.
-        base = get_cls_from_module_str(cfg.trainer_cls) if cfg.trainer_cls else AxolotlTrainer
-        return sample_normalized_trainer(base, prefix_length=upft.prefix_length)
+        others = {
+            name: trainer
+            for name, plugin in PluginManager.get_instance().plugins.items()
+            if not isinstance(plugin, UPFTPlugin) and (trainer := plugin.get_trainer_cls(cfg)) is not None
+        }
+        if len(others) > 1:
+            raise ValueError(
+                f"plugins {', '.join(others)} each supply a trainer; UPFT composes its loss over one at "
+                "most. Keep one of them, or set upft.loss_normalization: token."
+            )
+        if others:
+            ((name, trainer),) = others.items()
+            return trainer, f"plugin {name}"
+        if cfg.trainer_cls:
+            return get_cls_from_module_str(cfg.trainer_cls), f"trainer_cls: {cfg.trainer_cls}"
+        return AxolotlTrainer, "Axolotl"
 
     def post_train(self, cfg, model):
         self._trained = True
@@ -126,3 +154,50 @@ def evaluate_saved(cfg) -> None:
             **eval_fields(benchmark, upft),
         )
         LOG.info("UPFT eval %s: %.1f%% of %d", benchmark, summary["accuracy"], summary["n"])
+
+
+def refuse_misplaced_keys(cfg) -> None:
+    """A `upft:` setting written at the top level would be dropped by Axolotl's validation, and the run
+    would sample with the default instead."""
+    from axolotl.integrations.config import merge_input_args
+
+    _, config = merge_input_args()  # Axolotl's keys and every registered plugin's
+    known = set(config.model_fields) | {f.alias for f in config.model_fields.values() if f.alias}
+    misplaced = misplaced_keys(cfg, known)
+    if misplaced:
+        moves = "; ".join(f"`{key}:` -> `{place}`" for key, place in misplaced.items())
+        raise ValueError(
+            f"{', '.join(misplaced)}: not Axolotl keys but `upft:` settings, which Axolotl would drop. "
+            f"Indent them under the `upft:` block: {moves}."
+        )
+
+
+def check_trainer_cls(name: str) -> None:
+    """`trainer_cls` is imported and checked at start-up, before any sampling or model loading."""
+    from axolotl.utils.import_helper import get_cls_from_module_str
+
+    from .trainer import check_compute_loss
+
+    try:
+        trainer = get_cls_from_module_str(name)
+    except (ImportError, AttributeError, ValueError) as err:
+        raise ValueError(f"trainer_cls: {name} cannot be imported ({err}); fix the dotted path") from None
+    check_compute_loss(trainer, f"trainer_cls: {name}")
+
+
+def hashed_fingerprint(cfg) -> dict | None:
+    """The sampled model's identity for the prepared-data hash: the base's fingerprint, its quantization and
+    adapter. A hub id whose revision cannot be resolved now (offline, not downloaded yet) is hashed by its
+    name; loading the model needs it resolved anyway."""
+    from .selfsample import model_fingerprint
+    from .trained import TrainedModel
+
+    base_model = cfg.get("base_model")
+    if not base_model:
+        return None
+    try:
+        sampled = TrainedModel.from_cfg(cfg, UPFTConfig.from_cfg(cfg).sampling)
+        return {"model": model_fingerprint(base_model), **sampled.key()}
+    except OSError as err:
+        LOG.warning("UPFT: %s: no revision resolved (%s); prepared rows keyed by its name", base_model, err)
+        return {"name": base_model, "revision": None}

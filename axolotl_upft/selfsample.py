@@ -16,6 +16,9 @@ from .trained import TrainedModel
 
 LOG = get_logger(__name__)
 RFT_SAMPLES = 16
+# Beside the weights, what shapes a model's prompts and ids: configs, chat templates (transformers saves
+# them as chat_template.jinja), sentencepiece / tiktoken vocabularies and BPE merges.
+MODEL_FILES = ("*.json", "*.jinja", "additional_chat_templates/*.jinja", "*.model", "*.tiktoken", "*.txt")
 
 
 @dataclass(frozen=True)
@@ -107,15 +110,15 @@ def hub_revision(name: str) -> str:
 
 
 def model_fingerprint(base_model: str) -> dict:
-    """Identity of a model without reading its weights: a folder's config and weight files (names, sizes,
-    dates), or a hub id with the revision it resolves to."""
+    """Identity of a model without reading its weights: a folder's weight, config, tokenizer and template
+    files (names, sizes, dates), or a hub id with the revision it resolves to."""
     path = Path(base_model)
     if not path.is_dir():
         return {"name": base_model, "revision": hub_revision(base_model)}
-    files = sorted([*weight_files(path), *path.glob("*.json")])
+    files = sorted({*weight_files(path), *(p for pattern in MODEL_FILES for p in path.glob(pattern))})
     return {
         "path": str(path.resolve()),
-        "files": [[p.name, p.stat().st_size, p.stat().st_mtime_ns] for p in files],
+        "files": [[p.relative_to(path).as_posix(), p.stat().st_size, p.stat().st_mtime_ns] for p in files],
     }
 
 

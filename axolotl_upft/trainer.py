@@ -1,5 +1,7 @@
 """The trainer side of `upft.loss_normalization: sample`: a mixin over Axolotl's (or any HF) Trainer."""
 
+import inspect
+
 import torch
 
 from .loss import RowNLL, count_trained_rows, per_row_mean_nll
@@ -16,6 +18,7 @@ class SampleNormalizedMixin:
     """
 
     upft_prefix_length = 32
+    upft_base_owner = "Axolotl"  # who supplied the trainer class under the mixin, for error messages
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
@@ -63,12 +66,21 @@ class SampleNormalizedMixin:
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         # compute_loss_func only receives (outputs, labels): the row boundaries travel here.
         self._upft_position_ids = inputs.get("position_ids")
+        self._upft_applied = False
+        labelled = "labels" in inputs
         try:
-            return super().compute_loss(
+            result = super().compute_loss(
                 model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch
             )
         finally:
             self._upft_position_ids = None
+        if labelled and not self._upft_applied:
+            raise ValueError(
+                f"{self.upft_base_owner} supplies the trainer {type(self).__bases__[-1].__name__}, whose "
+                "compute_loss computes a loss of its own, so upft.loss_normalization: sample (of "
+                f"axolotl_upft.UPFTPlugin) cannot apply: use one of the two {FIX}"
+            )
+        return result
 
     def _upft_row_mean_loss(self, outputs, labels, num_items_in_batch=None):
         if labels is None:
@@ -77,6 +89,7 @@ class SampleNormalizedMixin:
         if logits is None:
             raise RuntimeError("the model returned no logits; upft.loss_normalization: sample needs them")
         stats = per_row_mean_nll(logits, labels, self._upft_position_ids)
+        self._upft_applied = True
         if self.model.training:
             self._upft_record(stats)
         if num_items_in_batch is None:
@@ -123,6 +136,22 @@ class SampleNormalizedMixin:
         return super().log(logs, start_time)
 
 
-def sample_normalized_trainer(base: type, *, prefix_length: int) -> type:
-    """`base` with the sample-normalised loss, composed as Axolotl composes its trainers from mixins."""
-    return type(f"UPFT{base.__name__}", (SampleNormalizedMixin, base), {"upft_prefix_length": prefix_length})
+def check_compute_loss(cls: type, owner: str) -> None:
+    """Refuse a trainer whose compute_loss has the pre-4.46 signature: transformers passes
+    `num_items_in_batch` at every step, so it would fail at step 1, after sampling and model loading."""
+    params = inspect.signature(cls.compute_loss).parameters
+    if "num_items_in_batch" in params or any(p.kind is p.VAR_KEYWORD for p in params.values()):
+        return
+    raise ValueError(
+        f"{owner}: {cls.__module__}.{cls.__name__}.compute_loss{inspect.signature(cls.compute_loss)} "
+        "has no num_items_in_batch parameter, which transformers passes at every training step. "
+        "Add `num_items_in_batch=None` to its signature and pass it on to super().compute_loss."
+    )
+
+
+def sample_normalized_trainer(base: type, *, prefix_length: int, owner: str = "Axolotl") -> type:
+    """`base` with the sample-normalised loss, composed as Axolotl composes its trainers from mixins.
+    `owner` (the plugin or key that chose `base`) is named when `base` turns out to compute its own loss."""
+    check_compute_loss(base, owner)
+    attrs = {"upft_prefix_length": prefix_length, "upft_base_owner": owner}
+    return type(f"UPFT{base.__name__}", (SampleNormalizedMixin, base), attrs)

@@ -31,13 +31,13 @@ def test_vllm_backend_without_vllm_names_the_extra_to_install(
         run(questions, tiny_model, tiny_tokenizer, tmp_path, "vllm")
 
 
-@pytest.mark.parametrize(
-    ("vllm", "gpu", "expected"), [(True, False, "vllm"), (False, True, "hf"), (True, True, "vllm")]
-)
-def test_auto_backend_is_vllm_wherever_it_is_installed(monkeypatch, vllm, gpu, expected):
+@pytest.mark.parametrize(("vllm", "expected"), [(True, "vllm"), (False, "hf")])
+def test_auto_backend_is_vllm_wherever_it_is_installed(monkeypatch, vllm, expected):
+    """Whether or not a GPU is there: auto reads only whether vLLM is installed."""
     monkeypatch.setattr(generation, "is_vllm_available", lambda: vllm)
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: gpu)
-    assert generation.resolve_backend("auto") == expected
+    for gpu in (False, True):
+        monkeypatch.setattr(torch.cuda, "is_available", lambda gpu=gpu: gpu)
+        assert generation.resolve_backend("auto") == expected, f"with a GPU: {gpu}"
     assert generation.resolve_backend("hf") == "hf" and generation.resolve_backend("vllm") == "vllm"
 
 

@@ -169,7 +169,7 @@ def test_summary_counts_questions_kinds_and_tokens(questions, tiny_model, tiny_t
 
 
 def prepared_data_hash(base_model: str) -> str:
-    """Axolotl's own prepared-data hash of a `type: upft` config, after the plugin's hooks ran as in a run."""
+    """Axolotl's own prepared-data hash of a `type: upft` config, once the plugin registered on it."""
     from axolotl.utils.data.shared import generate_dataset_hash_from_config
 
     from axolotl_upft.plugin import UPFTPlugin
@@ -181,9 +181,7 @@ def prepared_data_hash(base_model: str) -> str:
             "datasets": [{"path": "questions.jsonl", "type": "upft"}],
         }
     )
-    plugin = UPFTPlugin()
-    plugin.register(cfg)
-    assert plugin.load_datasets(cfg, preprocess=True) is None, "the hook only adds to the hash; Axolotl loads"
+    UPFTPlugin().register(cfg)
     return generate_dataset_hash_from_config(cfg, cfg.datasets, "tokenizer")
 
 

@@ -282,7 +282,7 @@ def test_chat_template_kwargs_reach_the_sampled_and_the_trained_prompts():
     assert on.key() != off.key(), "the cache key covers chat_template_kwargs"
 
 
-def test_turn_end_is_found_without_eot_tokens_and_eot_tokens_stop_generation():
+def test_turn_end_is_found_without_eot_tokens_and_eot_tokens_join_the_end_ids():
     tokenizer = build_tokenizer(QWEN, None, "<|endoftext|>")
     chatml = config_format(tokenizer, chat_template="chatml")
     assert tokens(tokenizer, [chatml.turn_end_id]) == ["<|im_end|>"]
@@ -292,6 +292,34 @@ def test_turn_end_is_found_without_eot_tokens_and_eot_tokens_stop_generation():
     bad = config_format(gemma, chat_template="gemma3", eot_tokens=["end of turn"])
     with pytest.raises(ValueError, match="eot_tokens: 'end of turn' is 5 tokens"):
         assert bad.end_ids
+
+
+def test_eot_tokens_stop_generation_at_their_first_sampled_occurrence(
+    tiny_model, tiny_tokenizer, questions, tmp_path
+):
+    """Greedy full traces of the tiny model, then the same with one of their inner tokens as `eot_tokens`:
+    each trace now ends at that token, trained as its end, as Axolotl trains an end of turn."""
+    from axolotl_upft.dataset import build_rows
+
+    def traces(**keys) -> list[list[int]]:
+        cfg = DictDefault({"base_model": str(tiny_model), "sequence_len": 256, **keys})
+        sampling = {"temperature": 0.0, "max_new_tokens": 12, "batch_size": 4}
+        upft = UPFTConfig(cache_dir=str(tmp_path), structure_ratio=1.0, sampling=sampling)
+        return [r.input_ids[-r.num_trained :] for r in build_rows(questions[:4], tiny_tokenizer, cfg, upft)]
+
+    plain = traces()
+    word = next(
+        t
+        for trace in plain
+        for t in trace[2:-1]
+        if tiny_tokenizer(tiny_tokenizer.convert_ids_to_tokens(t), add_special_tokens=False)["input_ids"]
+        == [t]
+    )
+    stopped = traces(eot_tokens=[tiny_tokenizer.convert_ids_to_tokens(word)])
+    assert any(word in trace[:-1] for trace in plain), "some trace went on past the token"
+    for before, after in zip(plain, stopped):
+        end = before.index(word) + 1 if word in before else len(before)
+        assert after == before[:end], "greedy: the same trace, up to and with its first eot token"
 
 
 def test_a_system_prompt_with_a_template_without_system_role_names_the_key_and_the_fix():
