@@ -23,6 +23,19 @@ def main():
     from axolotl.logging_config import configure_logging
 
     configure_logging()
+    logs_to_stderr()
+
+
+def logs_to_stderr() -> None:
+    """Axolotl's console handlers write to stdout; the plugin's commands keep stdout for their results
+    (JSON, tables), so `axolotl-upft eval ... | jq` works, and log to stderr."""
+    import logging
+    import sys
+
+    for logger in (logging.getLogger(), logging.getLogger("axolotl")):
+        for handler in logger.handlers:
+            if isinstance(handler, logging.StreamHandler) and handler.stream is sys.stdout:
+                handler.setStream(sys.stderr)
 
 
 @main.command("convert-gguf")
@@ -194,6 +207,7 @@ def eval_command(
     from .args import UPFTConfig
     from .distributed import Distributed, ddp_timeout
     from .evaluate import eval_fields, evaluate
+    from .trained import eval_quantization
 
     chat, cfg, upft = None, {}, UPFTConfig()
     if config is not None:
@@ -226,6 +240,7 @@ def eval_command(
                 chat=chat,
                 sampling=upft.sampling,
                 backend=backend,
+                quantization=eval_quantization(cfg, upft.sampling, model_path) if config else None,
             )
             if dist.rank == 0:
                 click.echo(json.dumps(summary, indent=2))

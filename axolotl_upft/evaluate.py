@@ -74,8 +74,10 @@ def evaluate(
     chat: ChatFormat | None = None,
     sampling: SamplingConfig | None = None,
     backend: str | None = None,
+    quantization: str | None = None,
 ) -> dict:
     """Greedy accuracy of ``model_path`` (+ ``adapter``) on a benchmark; chat=None: the tokenizer's own.
+    ``quantization`` loads the base as training did (`trained.eval_quantization`; None: 16-bit).
     The sampler is upft.sampling's (``sampling``: a training config's, else the defaults) with
     ``max_new_tokens`` and ``backend`` where given (`eval_sampling`); decoding is greedy."""
     sampling = eval_sampling(sampling, max_new_tokens=max_new_tokens, backend=backend)
@@ -91,7 +93,7 @@ def evaluate(
     chat = chat or ChatFormat.own(load_tokenizer(model_path, adapter))
     requests = eval_requests(chat, texts, system_prompt)
     stops = stop_ids(chat.tokenizer, read_generation_config(model_path), chat.end_ids)
-    model = TrainedModel(model_path, adapter)
+    model = TrainedModel(model_path, adapter, quantization)
     sampling = resolve_sampling(sampling, model)
     settings = {
         "system_prompt": system_prompt,
@@ -273,6 +275,7 @@ def eval_cache(root: Path, model: TrainedModel, chat: ChatFormat, path: Path, *,
         "task": "eval",
         "model": model_fingerprint(model.base_model),
         "adapter": model_fingerprint(model.adapter) if model.adapter else None,
+        **({"quantization": model.quantization} if model.quantization else {}),
         "chat": chat.key(),
         "benchmark": file_digest(path),
         **settings,

@@ -137,6 +137,7 @@ def evaluate_saved(cfg) -> None:
 
     from .dataset import config_chat_format
     from .evaluate import eval_fields, evaluate
+    from .trained import eval_quantization
 
     configure_logging()
     upft = UPFTConfig.from_cfg(cfg)
@@ -151,6 +152,7 @@ def evaluate_saved(cfg) -> None:
             system_prompt=upft.system_prompt,
             chat=chat,
             sampling=upft.sampling,
+            quantization=eval_quantization(cfg, upft.sampling, model_path),
             **eval_fields(benchmark, upft),
         )
         LOG.info("UPFT eval %s: %.1f%% of %d", benchmark, summary["accuracy"], summary["n"])

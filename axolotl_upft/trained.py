@@ -105,3 +105,12 @@ class TrainedModel:
             "quantization": self.quantization,
             "adapter": model_fingerprint(self.adapter) if self.adapter else None,
         }
+
+
+def eval_quantization(cfg, sampling, model_path: str) -> str | None:
+    """The quantization `eval --config` and `eval_after_train` load `model_path` in: the training config's
+    (upft.sampling.quantization; auto: as trained) when it is the config's base model, under an adapter;
+    a saved full model loads in 16 bits."""
+    if model_path != cfg.get("base_model") or not cfg.get("adapter"):
+        return None
+    return TrainedModel.from_cfg(cfg, sampling).quantization

@@ -156,10 +156,10 @@ def test_questions_are_sharded_by_batch_across_ranks_and_rank_zero_merges(
     barrier, loading = threading.Barrier(2, timeout=120), threading.Lock()
     real_load = generation.load_model
 
-    def load_one_at_a_time(*args):
+    def load_one_at_a_time(*args, **kwargs):
         # Ranks are threads here; from_pretrained is not thread-safe (real ranks are processes).
         with loading:
-            return real_load(*args)
+            return real_load(*args, **kwargs)
 
     monkeypatch.setattr(generation, "load_model", load_one_at_a_time)
 

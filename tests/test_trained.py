@@ -184,3 +184,44 @@ def test_the_sampler_gives_back_its_memory_for_a_16bit_and_a_4bit_model(tmp_path
     for case, after in report["after"].items():
         kept = after - report["before"]
         assert kept < sixteen / 10, f"{case}: {kept / 2**20:.1f} MiB stayed after close()"
+
+
+def test_eval_of_a_qlora_config_loads_its_base_in_4_bits_and_a_saved_full_model_in_16(tmp_path, vllm_model):
+    """`eval --config` and `eval_after_train` sample the trained model: under an adapter, the base in the
+    config's quantization (upft.sampling.quantization: auto is as trained)."""
+    import logging
+
+    from axolotl_upft.evaluate import evaluate
+    from axolotl_upft.logs import NAMESPACE
+    from axolotl_upft.trained import eval_quantization
+
+    cfg = raw_cfg(vllm_model)
+    assert eval_quantization(cfg, SamplingConfig(), str(vllm_model)) == "bnb-4bit"
+    assert eval_quantization(cfg, SamplingConfig(quantization="none"), str(vllm_model)) is None
+    assert eval_quantization(cfg, SamplingConfig(), str(tmp_path / "saved")) is None, "a saved full model"
+    bench = tmp_path / "mine.jsonl"
+    bench.write_text(json.dumps({"question": "How many ?", "answer": "#### 18"}) + "\n")
+    seen = []
+    handler = logging.Handler()
+    handler.emit = lambda record: seen.append(record.getMessage())
+    logger = logging.getLogger(f"{NAMESPACE}.generation")
+    level = logger.level
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    try:
+        out = tmp_path / "eval"
+        evaluate(
+            str(vllm_model),
+            str(bench),
+            output_dir=out,
+            max_new_tokens=2,
+            backend="hf",
+            quantization="bnb-4bit",
+        )
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(level)
+    loaded = [line for line in seen if line.startswith("UPFT: sampling from")]
+    assert len(loaded) == 1 and "Linear4bit" in loaded[0], seen
+    (meta,) = out.glob("parts/mine/*/meta.json")
+    assert json.loads(meta.read_text())["quantization"] == "bnb-4bit", "a 4-bit eval is cached apart"

