@@ -299,8 +299,22 @@ def load_axolotl_model(model: TrainedModel, dtype: str):
         model.quantization or "16-bit",
         model.adapter,
     )
-    loaded, _ = ModelLoader(cfg, load_tokenizer(cfg), inference=True).load()
+    with single_process_loading():
+        loaded, _ = ModelLoader(cfg, load_tokenizer(cfg), inference=True).load()
     return loaded
+
+
+@contextmanager
+def single_process_loading():
+    """Axolotl's loader reads the launcher's DeepSpeed stage from the environment (ZeRO-3: memory-efficient
+    loading through a DeepSpeed config); the sampler is one process's full copy, so that stage is hidden
+    while it loads."""
+    saved = os.environ.pop("ACCELERATE_DEEPSPEED_ZERO_STAGE", None)
+    try:
+        yield
+    finally:
+        if saved is not None:
+            os.environ["ACCELERATE_DEEPSPEED_ZERO_STAGE"] = saved
 
 
 def describe(model) -> str:

@@ -86,7 +86,7 @@ case $MODE in
     echo "== make_model --tiny"
     $PY scripts/gpu_check/make_model.py "$WORK/qwen2.5-0.5b-random" --tiny --device cpu || exit 1
     MODEL="$WORK/qwen2.5-0.5b-random" SPEED_N=32 SPEED_K=8 RATIO_N=4 RATIO_TOKENS=16 CASES=lora \
-        CPU_FLAG=--cpu TRAINBENCH_ARGS="--questions 16 --max-new-tokens 16 --sequence-len 512" run_stages
+        CPU_FLAG=--cpu TRAINBENCH_ARGS="--questions 16 --k 8 --max-new-tokens 16 --sequence-len 512" run_stages
     exit $? ;;
   gpu) ;;
   *) echo "usage: $0 [--prepare|--dry-run-cpu]"; exit 2 ;;

@@ -33,7 +33,8 @@ def setup(tmp_path_factory):
         "gradient_accumulation_steps": 1,
         "upft": {
             **recipe["upft"],
-            "sampling": {"temperature": 1.0, "max_new_tokens": 8, "batch_size": 4, "backend": "hf"},
+            "prefix_length": 4,  # below max_new_tokens, as upft: requires
+            "sampling": {"temperature": 1.0, "max_new_tokens": 12, "batch_size": 4, "backend": "hf"},
         },
     }
     config = {

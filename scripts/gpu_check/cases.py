@@ -29,7 +29,7 @@ CASES = {
     "zero3": ("qwen2.5-math-7b-zero3-k32.yml", {}),  # full fine-tune under ZeRO-3, samples inside `train`
 }
 GPU = {"sequence_len": 1024, "max_steps": 8, "questions": 128, "max_new_tokens": 128, "batch_size": 128}
-CPU = {"sequence_len": 512, "max_steps": 2, "questions": 16, "max_new_tokens": 32, "batch_size": 16}
+CPU = {"sequence_len": 512, "max_steps": 2, "questions": 16, "max_new_tokens": 48, "batch_size": 16}
 
 
 def render(case: str, model: Path, work: Path, cpu: bool) -> Path:
