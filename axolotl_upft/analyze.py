@@ -146,8 +146,8 @@ def _check_args(samples, lengths, max_new_tokens, temperature, threshold, batch_
         raise ValueError(f"temperature must be > 0 (got {temperature}): greedy samples are all the same")
     if not 0 < threshold <= 1:
         raise ValueError(f"threshold must be in (0, 1], got {threshold}")
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    if batch_size is not None and batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1 or None (vLLM: no cap), got {batch_size}")
     return sorted(set(lengths))
 
 
@@ -164,7 +164,7 @@ def analyze(
     seed: int = 42,
     output_dir: str | Path,
     system_prompt: str | None = None,
-    batch_size: int = 32,
+    batch_size: int | None = 32,
     threshold: float = 0.5,
     answer_field: str = "answer",
     chat: ChatFormat | None = None,
@@ -178,7 +178,8 @@ def analyze(
     ``chat`` defaults to the model's own tokenizer and template; pass the training config's
     (`config_chat_format`) to sample with the prompts the rows are built from.
     The sampler is ``sampling``'s (a training config's upft.sampling, else the defaults) with the
-    arguments above and ``backend`` (where given) in place of its own.
+    arguments above and ``backend`` (where given) in place of its own. ``batch_size`` caps a part's
+    requests (the hf loop decodes that many rows at a time); None: no cap, for vLLM.
     """
     lengths = _check_args(samples, lengths, max_new_tokens, temperature, threshold, batch_size, questions)
     started = time.perf_counter()

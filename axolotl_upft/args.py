@@ -44,14 +44,16 @@ class SamplingConfig(BaseModel):
         None,
         ge=1,
         description="hf: full traces decoded at a time; null: on a GPU 256 or what fits in memory if less, "
-        "16 on CPU (a batch that runs out of memory is halved). vLLM, which schedules its own batches: "
-        "questions per call and cache part file; null: 4096 on a GPU, 256 on CPU.",
+        "16 on CPU (a batch that runs out of memory is halved). Also the most questions of a cache part "
+        "file (4x this for the hf loop), which is otherwise sized from the number of questions and ranks "
+        "(4 per rank and kind); vLLM, which schedules its own batches: null caps nothing.",
     )
     prefix_batch_size: int | None = Field(
         None,
         ge=1,
-        description="Questions per prefix batch (they stop at k, so they can be larger); "
-        "null: batch_size if set, else on a GPU what fits in memory up to 2048, 16 on CPU.",
+        description="Prefixes decoded at a time (they stop at k, so they can be more); null: batch_size "
+        "if set, else for the hf loop on a GPU what fits in memory up to 2048, 16 on CPU, and for vLLM "
+        "no cap. Caps a prefix part file as batch_size caps a full one.",
     )
     cache_implementation: Literal["dynamic", "static"] = Field(
         "dynamic",

@@ -2,7 +2,8 @@
 
 Layout of one run, `<cache_dir>/<key>/`:
   meta.json          what the key was made of (for people; written first)
-  part-<hash>-<n>.jsonl  one finished batch of n questions: a header line, then one record per question
+  part-<hash>-<n>.jsonl  one finished part of n questions: a header line (with the rank that wrote it),
+                     then one record per question
   summary.json       written last: its presence means every question has its sample
   rank-<r>.alive     rewritten by rank r while it samples under torchrun, removed when it is done
 Every file is written to a temp name and renamed, so a killed run leaves only whole files.
@@ -17,6 +18,7 @@ from pathlib import Path
 
 FORMAT = "axolotl-upft-samples/1"
 TMP_PREFIX = ".tmp-"
+UNKNOWN_RANK = -1  # tokens_by_rank's key for part files written before headers named their rank
 WEIGHT_SUFFIXES = (".safetensors", ".bin")  # weights as transformers and PEFT save them, sharded or not
 
 
@@ -89,6 +91,7 @@ class SampleCache:
         self.key = key
         self.dir = Path(root) / key[:16]
         self.meta = meta
+        self.rank = 0  # the rank this process writes part files as (generate_all sets it)
 
     @property
     def summary_path(self) -> Path:
@@ -116,7 +119,7 @@ class SampleCache:
         if not self.dir.exists():
             return records
         for path in sorted(self.dir.glob("part-*.jsonl")):
-            for record in self._read_part(path):
+            for record in self._read_part(path)[1]:
                 records.setdefault(record.index, record)
         return records
 
@@ -128,7 +131,8 @@ class SampleCache:
         return self.dir / f"rank-{rank}.alive"
 
     def write_part(self, records: list[Record]) -> Path:
-        lines = [json.dumps({"format": FORMAT, "key": self.key, "count": len(records)})]
+        header = {"format": FORMAT, "key": self.key, "count": len(records), "rank": self.rank}
+        lines = [json.dumps(header)]
         lines += [
             json.dumps({"i": r.index, "kind": r.kind, "q": r.prompt_digest, "ids": r.ids, "stop": r.stopped})
             for r in records
@@ -141,6 +145,16 @@ class SampleCache:
         """Questions sampled so far by any rank, read from the file names alone."""
         return sum(int(p.stem.rsplit("-", 1)[1]) for p in self.dir.glob("part-*.jsonl"))
 
+    def tokens_by_rank(self) -> dict[int, int]:
+        """Generated tokens per rank that wrote them, from the part files' headers (UNKNOWN_RANK for files
+        of older runs): how evenly the ranks shared the work."""
+        tokens: dict[int, int] = {}
+        for path in sorted(self.dir.glob("part-*.jsonl")):
+            header, records = self._read_part(path)
+            rank = header.get("rank", UNKNOWN_RANK)
+            tokens[rank] = tokens.get(rank, 0) + sum(len(r.ids) for r in records)
+        return tokens
+
     def write_summary(self, summary: dict) -> None:
         atomic_write_text(self.summary_path, json.dumps({"key": self.key, **summary}, indent=2))
 
@@ -152,7 +166,7 @@ class SampleCache:
                 f"{path} is corrupt ({err}). Delete it; its samples will be redrawn."
             ) from None
 
-    def _read_part(self, path: Path) -> list[Record]:
+    def _read_part(self, path: Path) -> tuple[dict, list[Record]]:
         try:
             lines = path.read_text().splitlines()
             header = json.loads(lines[0]) if lines else {}
@@ -172,7 +186,7 @@ class SampleCache:
                 "Delete it; its samples will be redrawn."
             )
         try:
-            return [Record(r["i"], r["kind"], r["q"], r["ids"], r["stop"]) for r in rows]
+            return header, [Record(r["i"], r["kind"], r["q"], r["ids"], r["stop"]) for r in rows]
         except KeyError as err:
             raise RuntimeError(
                 f"{path}: a record lacks {err}. Delete it; its samples will be redrawn."

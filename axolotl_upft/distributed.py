@@ -46,6 +46,16 @@ class Distributed:
         return cls(dist.get_rank(), dist.get_world_size(), True, timeout)
 
     @property
+    def workers(self) -> int:
+        """How many ranks sample (generate_all deals its parts over these)."""
+        return self.world_size
+
+    @property
+    def worker(self) -> int | None:
+        """This rank's index among the sampling workers; None if it only waits for their part files."""
+        return self.rank
+
+    @property
     def poll_seconds(self) -> float:
         """How often a waiting rank looks for files and a working rank shows it is alive."""
         return min(10.0, self.timeout / 10)

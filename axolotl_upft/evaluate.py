@@ -52,7 +52,7 @@ ZERO3_UNGATHERED = (
     "A LoRA saved under DeepSpeed ZeRO-3 without gathering looks like this: set "
     "`stage3_gather_16bit_weights_on_model_save: true` in the DeepSpeed JSON and train (or save) again."
 )
-HF_EVAL_BATCH = 16  # rows the hf loop decodes at a time in eval; vLLM takes its sampling part size
+HF_EVAL_BATCH = 16  # rows the hf loop decodes at a time in eval; vLLM's parts have no cap unless set
 _CELL_SPLIT = re.compile(r"(?<!\\)\|")
 
 
@@ -155,7 +155,7 @@ def settings_summary(settings: dict, generated) -> dict:
 def greedy(requests, cache, model: TrainedModel, sampling: SamplingConfig, batch_size, options: dict, dist):
     """Greedy generations of every request (this rank's share of batches) and how many ran into the engine's
     context end. ``batch_size`` None: upft.sampling.batch_size, else 16 rows at a time for the hf loop and
-    vLLM's part size for vLLM."""
+    no cap for vLLM (parts are then sized from the number of questions and ranks alone)."""
     backend = sampling.backend
     default = HF_EVAL_BATCH if backend == "hf" else resolve_batch_size(None, backend)
     batch_size = batch_size or sampling.batch_size or default

@@ -27,8 +27,6 @@ MEMORY_SHARE = 0.5  # of the GPU memory left after the weights, for one batch's 
 STATIC_WIDTH = 64  # with a static KV cache, prompt widths are padded to a multiple of this (fewer recompiles)
 DRAW_VERSION = 2  # of the tokens the hf backend draws for a seed; part of the sample cache key
 POOL = 4  # the hf backend decodes a batch size of rows at a time from calls of POOL x that many prompts
-# vLLM schedules its own batches; this only sizes the cache's part files (what a crash loses, progress steps)
-VLLM_BATCH = {"cuda": 4096, "cpu": 256}
 VLLM_CPU_MEMORY_SHARE = 0.3  # of RAM on CPU, where vLLM refuses its GPU default of 0.9
 VLLM_MISSING = 'upft.sampling.backend: vllm needs vLLM: pip install "axolotl-upft[vllm]"'
 CPU_PREFILL_TOKENS = 4096  # vLLM's CPU default token budget per step (a longer context raises it)
@@ -153,11 +151,13 @@ def saved_dtype(base_model: str | None) -> str | None:
     return config.get("dtype") or config.get("torch_dtype")
 
 
-def resolve_batch_size(batch_size: int | None, backend: str) -> int:
+def resolve_batch_size(batch_size: int | None, backend: str) -> int | None:
+    """The set batch size, else the hf loop's default; None for vLLM, which schedules its own batches: then
+    nothing caps a part (loop.part_count sizes parts from the number of questions and workers)."""
     if batch_size is not None:
         return batch_size
     if backend == "vllm":
-        return VLLM_BATCH[sampling_device().type]
+        return None
     return AUTO_BATCH[sampling_device().type]
 
 
@@ -174,13 +174,13 @@ def weight_bytes(base_model: str) -> int:
 def resolve_batch_sizes(
     sampling, backend: str, base_model: str, widths: dict[str, int], limits: dict[str, int]
 ) -> dict[str, int]:
-    """Questions per batch for each kind (prefix, full). Set sizes win (`prefix_batch_size`, else
-    `batch_size`); on a GPU the auto size is what `memory_fits` allows, up to PREFIX_BATCH_CAP for prefixes
-    and AUTO_BATCH for full traces. `widths` must cover every question, cached or not, so a plan never
-    depends on the cache."""
+    """The most questions per batch for each kind (prefix, full); a kind left out has no cap (vLLM with
+    neither size set). Set sizes win (`prefix_batch_size`, else `batch_size`); on a GPU the hf loop's auto
+    size is what `memory_fits` allows, up to PREFIX_BATCH_CAP for prefixes and AUTO_BATCH for full traces.
+    `widths` must cover every question, cached or not, so a plan never depends on the cache."""
     full = resolve_batch_size(sampling.batch_size, backend)
-    sizes = {kind: full for kind in widths}
-    if PREFIX in sizes and sampling.prefix_batch_size is not None:
+    sizes = {kind: full for kind in widths} if full is not None else {}
+    if PREFIX in widths and sampling.prefix_batch_size is not None:
         sizes[PREFIX] = sampling.prefix_batch_size
     for kind, fit in memory_fits(backend, base_model, widths, limits).items():
         if kind == PREFIX and sampling.prefix_batch_size is None and sampling.batch_size is None:
@@ -423,11 +423,12 @@ def generate_batch(
     return decode(model, prompts, running=running, **kwargs)
 
 
-def call_sizes(sizes: dict[str, int], backend: str, cache_implementation: str) -> dict[str, int]:
-    """Prompts per `generate` call for batch sizes `sizes`: POOL times more for the hf decode loop, which
-    decodes a batch size of rows at a time and refills a row as soon as it stops."""
+def call_sizes(sizes: dict[str, int | None], backend: str, cache_implementation: str) -> dict[str, int]:
+    """The most prompts per `generate` call (one part) for batch sizes `sizes`: POOL times more for the hf
+    decode loop, which decodes a batch size of rows at a time and refills a row as soon as it stops. A
+    size of None (vLLM unless set) caps nothing and is left out."""
     pool = POOL if backend == "hf" and cache_implementation == "dynamic" else 1
-    return {kind: size * pool for kind, size in sizes.items()}
+    return {kind: size * pool for kind, size in sizes.items() if size is not None}
 
 
 def decode(

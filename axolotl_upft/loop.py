@@ -1,12 +1,14 @@
 """The one generation loop of self-sampling, evaluation and the prefix analysis.
 
-Plan batches over *all* requests, skip what the cache holds, deal the rest to ranks, seed each batch,
-generate, write a part file, wait for the other ranks' part files (polling the cache, not in a collective
-that times out), load, check the prompt digests. The callers differ only in what a request is and what
+Plan parts over *all* requests (sized from their number and the workers'), skip what the cache holds,
+deal the rest to the sampling workers by estimated decode cost, seed each part, generate, write a part
+file, wait for the other workers' part files (polling the cache, not in a collective that times out),
+load, check the prompt digests. The callers differ only in what a request is and what
 becomes of its record. A plan never depends on what is cached, so a resumed run draws the samples a
 clean run would have drawn.
 """
 
+import itertools
 import os
 import time
 from collections.abc import Callable, Sequence
@@ -22,6 +24,13 @@ from .logs import get_logger
 
 LOG = get_logger(__name__)
 LOG_SECONDS = 60  # how often rank 0 says whom it waits for
+# Parts of each kind per sampling worker. A crash loses at most the part a worker was writing: a quarter of
+# its share. More parts would lose less, but each part is one engine call that ends with a tail in which
+# the batch drains (the longest trace decides its length), and a part of full traces is already ~1/4 of
+# a worker's few hundred on GSM8K at 8 GPUs: 8 would halve the batch vLLM can keep running.
+PARTS_PER_RANK = 4
+# A prompt token's cost against a generated one's: the prefill runs a whole prompt in one forward pass.
+PROMPT_WEIGHT = 0.1
 
 
 class Request(Protocol):
@@ -57,16 +66,61 @@ class Generated:
     seconds: float
 
 
-def plan_batches(requests: Sequence[Request], sizes: dict[str, int]) -> list[list[Request]]:
-    """Each kind apart, in the order of `sizes` (a prefix batch stops at k), length-sorted to cut padding."""
-    unknown = {r.kind for r in requests} - sizes.keys()
+def plan_batches(
+    requests: Sequence[Request], kinds: Sequence[str], workers: int, caps: dict[str, int]
+) -> list[list[Request]]:
+    """Each kind apart, in the order of `kinds` (prefixes first: they stop at k), length-sorted to cut
+    padding, cut into `part_count` parts of near-equal size. From every request, never from the cache, so
+    a resumed run keeps the parts of a clean one."""
+    unknown = {r.kind for r in requests} - set(kinds)
     if unknown:
-        raise RuntimeError(f"no batch size for request kinds {sorted(unknown)}")
-    batches = []
-    for kind, size in sizes.items():
+        raise RuntimeError(f"no token limit for request kinds {sorted(unknown)}")
+    parts = []
+    for kind in kinds:
         group = sorted((r for r in requests if r.kind == kind), key=lambda r: (len(r.prompt_ids), r.index))
-        batches += [group[i : i + size] for i in range(0, len(group), size)]
-    return batches
+        parts += split(group, part_count(len(group), workers, caps.get(kind)))
+    return parts
+
+
+def part_count(n: int, workers: int, cap: int | None) -> int:
+    """How many parts one kind's `n` requests make: PARTS_PER_RANK per worker, more if a part would pass
+    `cap` (the memory's or the user's batch size; None: no cap), always a multiple of `workers` so each
+    gets as many; at most one part per request."""
+    per_worker = PARTS_PER_RANK if cap is None else max(PARTS_PER_RANK, -(-n // (cap * workers)))
+    return min(n, workers * per_worker)
+
+
+def split(group: list, count: int) -> list[list]:
+    """`group` in `count` consecutive slices whose sizes differ by at most one, the larger first."""
+    size, extra = divmod(len(group), count) if count else (0, 0)
+    bounds = [i * size + min(i, extra) for i in range(count + 1)]
+    return [group[a:b] for a, b in itertools.pairwise(bounds)]
+
+
+def cost(part: Sequence[Request], limits: dict[str, int]) -> float:
+    """A part's estimated decode cost: its requests' token limits, each prompt token at PROMPT_WEIGHT."""
+    return sum(limits[r.kind] + PROMPT_WEIGHT * len(r.prompt_ids) for r in part)
+
+
+def deal(parts: list[list[Request]], limits: dict[str, int], workers: int) -> list[int]:
+    """The worker of each part, so every worker gets about 1/N of each kind and of the total cost.
+    Kind by kind, the costliest kind first, in rounds: a round gives each worker one part (fewer in the
+    last), the costliest part to the worker with the least cost so far (longest processing time first;
+    ties to the lower worker). The same on every rank: it reads only the plan and what the cache held."""
+    owner = [0] * len(parts)
+    load = [0.0] * workers
+    costs = [cost(part, limits) for part in parts]
+    by_kind: dict[str, list[int]] = {}
+    for j, part in enumerate(parts):
+        by_kind.setdefault(part[0].kind, []).append(j)
+    for kind in sorted(by_kind, key=lambda k: (-sum(costs[j] for j in by_kind[k]), k)):
+        order = sorted(by_kind[kind], key=lambda j: (-costs[j], j))
+        for start in range(0, len(order), workers):
+            free = sorted(range(workers), key=lambda w: (load[w], w))
+            for j, w in zip(order[start : start + workers], free):
+                owner[j] = w
+                load[w] += costs[j]
+    return owner
 
 
 def batch_seed(seed: int, batch: Sequence[Request]) -> int:
@@ -113,17 +167,9 @@ def check_records(records: dict[int, Record], requests: Sequence[Request], cache
             )
 
 
-def pending(
-    batches: list[list[Request]], done: dict[int, Record], seed: int
-) -> list[tuple[int, list[Request]]]:
-    """(seed, requests still to generate) of every planned batch with work left; the seed is the whole
-    batch's, so a batch left half-done by an older plan keeps one seed."""
-    out = []
-    for batch in batches:
-        missing = [r for r in batch if r.index not in done]
-        if missing:
-            out.append((batch_seed(seed, batch), missing))
-    return out
+def pending(batches: list[list[Request]], done: dict[int, Record]) -> list[list[Request]]:
+    """The requests still to generate of every planned part with work left."""
+    return [missing for batch in batches if (missing := [r for r in batch if r.index not in done])]
 
 
 def generate_all(
@@ -138,31 +184,32 @@ def generate_all(
     dist: Distributed,
     desc: str,
 ) -> Generated:
-    """Generate what the cache lacks (this rank's share of batches); return every request's record."""
+    """Generate what the cache lacks (this worker's share of parts); return every request's record. `sizes`
+    caps a part's requests per kind (the memory's or the user's batch size); a kind it lacks has no cap."""
     started = time.perf_counter()
     done = cache.load()
     check_records(done, requests, cache)
     dist.barrier()
     cached = sum(r.index in done for r in requests)
-    work = pending(plan_batches(requests, sizes), done, seed)
-    owed = {
-        cache.part_path([r.index for r in batch]): j % dist.world_size for j, (_, batch) in enumerate(work)
-    }
-    mine = work[dist.rank :: dist.world_size]
+    work = pending(plan_batches(requests, list(limits), dist.workers, sizes), done)
+    owners = deal(work, limits, dist.workers)
+    owed = {cache.part_path([r.index for r in part]): w for part, w in zip(work, owners)}
+    mine = [(batch_seed(seed, part), part) for part, w in zip(work, owners) if w == dist.worker]
     if mine:
         LOG.info(
-            "%s: %d of %d to generate (%d cached), %d batches of up to %s on rank %d/%d",
+            "%s: %d of %d to generate (%d cached), %d parts on worker %d of %d (rank %d)",
             desc,
             sum(len(b) for _, b in mine),
             len(requests),
             cached,
             len(mine),
-            sizes,
+            dist.worker,
+            dist.workers,
             dist.rank,
-            dist.world_size,
         )
         total = len(requests) - cached
-        with Heartbeat(cache.heartbeat_path(dist.rank), dist.poll_seconds):
+        cache.rank = dist.rank
+        with Heartbeat(cache.heartbeat_path(dist.worker), dist.poll_seconds):
             run_batches(
                 mine,
                 cache,
@@ -186,9 +233,9 @@ def generate_all(
 
 
 def wait_for_ranks(owed: dict[Path, int], cache: SampleCache, dist: Distributed, desc: str) -> None:
-    """Poll the cache until every batch (part file -> rank it was dealt to) is written. No collective waits,
-    so the slowest rank may take as long as it needs; a rank that still owes batches and has not touched its
-    heartbeat for `dist.timeout` seconds is taken for dead."""
+    """Poll the cache until every part (part file -> worker it was dealt to) is written. No collective waits,
+    so the slowest worker may take as long as it needs; a worker that still owes parts and has not touched
+    its heartbeat (named by its worker index) for `dist.timeout` seconds is taken for dead."""
     seen: dict[int, tuple[str | None, float]] = {}
     logged = -LOG_SECONDS
     while missing := unwritten(owed, cache.dir):

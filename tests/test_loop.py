@@ -1,4 +1,4 @@
-"""The one generation loop: batch plans, seeds, and resume that draws exactly the samples of a clean run."""
+"""The one generation loop: parts, resume that draws exactly the samples of a clean run."""
 
 import json
 import sys
@@ -14,38 +14,17 @@ from axolotl_upft.args import UPFTConfig
 from axolotl_upft.cache import Record, SampleCache
 from axolotl_upft.dataset import build_rows
 from axolotl_upft.distributed import CFG_KEY, Distributed, Heartbeat
-from axolotl_upft.loop import Prompt, batch_seed, pending, plan_batches, wait_for_ranks
-from axolotl_upft.rows import FULL, PREFIX
+from axolotl_upft.loop import Prompt, pending, plan_batches, wait_for_ranks
+from axolotl_upft.rows import PREFIX
 
 
-def test_plan_batches_uses_each_kinds_size():
-    requests = [Prompt(i, [1] * (i % 5 + 1), PREFIX if i % 4 else FULL) for i in range(40)]
-    batches = plan_batches(requests, {PREFIX: 8, FULL: 3})
-    assert [len(b) for b in batches] == [8, 8, 8, 6, 3, 3, 3, 1]
-    assert all(len({r.kind for r in b}) == 1 for b in batches)
-    assert sorted(r.index for b in batches for r in b) == list(range(40))
-    assert [len(b[0].prompt_ids) for b in batches[:4]] == sorted(len(b[0].prompt_ids) for b in batches[:4])
-    with pytest.raises(RuntimeError, match="no batch size for request kinds"):
-        plan_batches(requests, {PREFIX: 8})
-
-
-def test_cached_requests_are_skipped_but_keep_their_batch_and_its_seed():
-    requests = [Prompt(i, [1] * (i + 1), PREFIX) for i in range(6)]
-    batches = plan_batches(requests, {PREFIX: 3})
-    done = {0: None, 3: None, 4: None, 5: None}
-    # batch [3, 4, 5] is finished and skipped; [0, 1, 2] keeps the seed of all three, not of [1, 2]
-    assert pending(batches, done, 42) == [(batch_seed(42, batches[0]), requests[1:3])]
-    assert batch_seed(42, batches[0]) != batch_seed(42, requests[1:3])
-
-
-class LoneRank(Distributed):
-    """One rank of a two-rank run whose other rank died before writing anything."""
-
-    def barrier(self):
-        pass
-
-    def minimum(self, values):
-        return values
+def test_cached_requests_are_skipped_but_the_rest_of_their_part_stays_together():
+    requests = [Prompt(i, [1] * (i + 1), PREFIX) for i in range(8)]
+    parts = plan_batches(requests, [PREFIX], 1, {PREFIX: 2})
+    assert parts == [requests[0:2], requests[2:4], requests[4:6], requests[6:8]]
+    done = {0: None, 4: None, 5: None}
+    # part [4, 5] is finished and skipped; [0, 1] keeps its place as [1]
+    assert pending(parts, done) == [requests[1:2], requests[2:4], requests[6:8]]
 
 
 def cached_samples(cache_root) -> dict[int, list[int]]:
@@ -57,32 +36,39 @@ def cached_samples(cache_root) -> dict[int, list[int]]:
 def test_a_resumed_run_draws_the_samples_of_a_clean_run_with_memory_sized_batches(
     questions, tiny_model, tiny_tokenizer, tmp_path, monkeypatch
 ):
-    # Batch sizes from the widest prompt, as on a GPU: 3 rows when a prompt is 100+ tokens wide, else 5.
-    # The 12 prefix questions are 29..107 tokens wide: batches of 3, the widest (question 8) in the last.
-    # POOL 1: each call is one batch (the hf loop's calls of POOL batches would hold all 12 at once).
+    # Batch sizes from the widest prompt, as on a GPU: 1 row when a prompt is 100+ tokens wide, else 5. The
+    # 12 prefix questions are 29..107 tokens wide: parts of 1 (12 of them), not the 4 parts of 3 that a
+    # cap of 5 would make. POOL 1: each call is one batch.
     monkeypatch.setattr(generation, "POOL", 1)
     monkeypatch.setattr(
         generation,
         "memory_fits",
-        lambda backend, model, widths, limits: {k: 3 if w >= 100 else 5 for k, w in widths.items()},
+        lambda backend, model, widths, limits: {k: 1 if w >= 100 else 5 for k, w in widths.items()},
     )
     upft = UPFTConfig(prefix_length=4, structure_ratio=0.25, sampling={"max_new_tokens": 12})
 
-    def run(cache, dist):
+    def run(cache):
         cfg = tiny.axolotl_cfg(tiny_model)
-        cfg[CFG_KEY] = dist
+        cfg[CFG_KEY] = Distributed()
         return build_rows(
             questions[:16], tiny_tokenizer, cfg, upft.model_copy(update={"cache_dir": str(cache)})
         )
 
-    clean = run(tmp_path / "clean", Distributed())
-    with pytest.raises(RuntimeError, match="rank 0 still owes 3 batches"):
-        run(tmp_path / "resumed", LoneRank(1, 2, timeout=1))
-    finished = cached_samples(tmp_path / "resumed")
-    assert 8 in finished and 5 not in finished, (
-        "rank 1 finished the widest prompt: a plan over the missing questions alone would take batches of 5"
-    )
-    resumed = run(tmp_path / "resumed", Distributed())
+    clean = run(tmp_path / "clean")
+    assert len(cached_samples(tmp_path / "clean")) == 16
+    write_part, written = SampleCache.write_part, []
+
+    def killed_after_three(cache, records):
+        if len(written) == 3:
+            raise KeyboardInterrupt("killed")
+        written.append(write_part(cache, records))
+
+    monkeypatch.setattr(SampleCache, "write_part", killed_after_three)
+    with pytest.raises(KeyboardInterrupt):
+        run(tmp_path / "resumed")
+    assert len(cached_samples(tmp_path / "resumed")) == 3, "three parts of one prefix each"
+    monkeypatch.setattr(SampleCache, "write_part", write_part)
+    resumed = run(tmp_path / "resumed")
     assert cached_samples(tmp_path / "resumed") == cached_samples(tmp_path / "clean")
     assert resumed == clean
 
