@@ -44,7 +44,7 @@ from axolotl_upft.generation import (
     resolve_sampling,
     sampling_device,
 )
-from axolotl_upft.loop import Prompt, plan_batches
+from axolotl_upft.loop import Prompt
 from axolotl_upft.prompts import chat_messages, pad_token_id, render_prompt_ids
 from axolotl_upft.rows import FULL, PREFIX, cut_at_stop, question_kinds
 from axolotl_upft.selfsample import read_generation_config, sampling_options, sampling_settings, stop_ids
@@ -68,6 +68,16 @@ def load_questions(n: int, path: Path) -> list[str]:
     with open(path) as handle:
         questions = [json.loads(line)["question"] for line in handle]
     return [questions[i % len(questions)] for i in range(n)]
+
+
+def plan_batches(requests: list[Prompt], sizes: dict[str, int]) -> list[list[Prompt]]:
+    """Batches of exactly `sizes` questions per kind, length-sorted: the benchmarks measure one batch size
+    (the loop's planner would cut fewer questions into PARTS_PER_RANK parts instead)."""
+    batches = []
+    for kind, size in sizes.items():
+        group = sorted((r for r in requests if r.kind == kind), key=lambda r: (len(r.prompt_ids), r.index))
+        batches += [group[i : i + size] for i in range(0, len(group), size)]
+    return batches
 
 
 def timed_sampling(sampler, questions: list[Prompt], batch_size: dict, limits: dict, options: dict) -> dict:

@@ -1,6 +1,7 @@
 """`axolotl-upft sample` under torchrun (gloo, CPU): ranks share the work and write the same cache."""
 
 import contextlib
+import json
 import os
 import re
 import signal
@@ -52,16 +53,25 @@ def torchrun(*args: str) -> list[str]:
     return [sys.executable, "-m", "torch.distributed.run", *args, "-m", "axolotl_upft.cli", "sample"]
 
 
-def test_two_ranks_and_two_nodes_write_exactly_the_cache_of_one_process(tmp_path, tiny_model, questions):
+def cached_requests(config: Path) -> dict[int, tuple[str, str]]:
+    """(kind, prompt digest) of every cached record by question index."""
+    (run_dir,) = (config.parent / "samples").iterdir()
+    rows = [line for part in run_dir.glob("part-*.jsonl") for line in part.read_text().splitlines()[1:]]
+    return {r["i"]: (r["kind"], r["q"]) for r in map(json.loads, rows)}
+
+
+def test_two_ranks_and_two_nodes_share_the_questions_of_one_process(tmp_path, tiny_model, questions):
     small = {"sampling": {"max_new_tokens": 16, "batch_size": 2}}
     single = sample_config(tmp_path, tiny_model, questions, "single", **small)
     run([sys.executable, "-m", "axolotl_upft.cli", "sample", str(single)])
-    expected = cache_files(single)
-    assert len(expected) == 4, "24 questions in calls of 4 x 2: 18 prefix -> 3 parts, 6 full -> 1 part"
+    assert len(cache_files(single)) == 8, "18 prefixes and 6 full traces, 4 parts of each (PARTS_PER_RANK)"
 
     ranks = sample_config(tmp_path, tiny_model, questions, "ranks", **small)
     out = run(torchrun("--nproc_per_node", "2", "--master_port", str(free_port())) + [str(ranks)])
-    assert cache_files(ranks) == expected
+    expected = cache_files(ranks)
+    assert len(expected) == 8 + 6, "2 ranks: 8 prefix parts of at most 8 (calls of 4 x 2), 6 full of one"
+    assert cached_requests(ranks) == cached_requests(single), "the same questions, each once"
+    assert {json.loads(text.splitlines()[0])["rank"] for text in expected.values()} == {0, 1}
     assert '"questions": 24' in out
 
     nodes = sample_config(tmp_path, tiny_model, questions, "nodes", **small)
@@ -88,7 +98,7 @@ def test_two_ranks_and_two_nodes_write_exactly_the_cache_of_one_process(tmp_path
     ]
     logs = [p.communicate(timeout=300)[0] for p in procs]
     assert [p.returncode for p in procs] == [0, 0], logs[0][-3000:] + logs[1][-3000:]
-    assert cache_files(nodes) == expected
+    assert cache_files(nodes) == expected, "two workers on two nodes: the parts and samples of two on one"
 
 
 def test_a_killed_run_resumes_without_duplicates_or_losses(tmp_path, tiny_model, questions):
@@ -110,7 +120,7 @@ def test_a_killed_run_resumes_without_duplicates_or_losses(tmp_path, tiny_model,
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     done_before = len(list(samples.glob("*/part-*.jsonl")))
-    assert 3 <= done_before < 24, "killed part-way"
+    assert 3 <= done_before < 9, "killed part-way (5 prefix parts of at most 4, calls of 4 x 1, 4 full)"
 
     out = run([sys.executable, "-m", "axolotl_upft.cli", "sample", str(config)])
     assert '"tokens_generated_this_run": ' in out
@@ -146,7 +156,7 @@ def test_ranks_that_finish_first_wait_longer_than_ddp_timeout_for_a_slow_rank(
     assert '"questions": 24' in done.stdout
     parts = config.parent.glob("samples/*/part-*.jsonl")
     written = sorted(p.stat().st_mtime for p in parts)
-    assert len(written) == 4 and written[-1] - written[0] > 8, "rank 0 waited past ddp_timeout for rank 1"
+    assert len(written) == 8 + 6 and written[-1] - written[0] > 8, "rank 0 waited past ddp_timeout for rank 1"
 
 
 def test_a_frozen_rank_fails_the_others_after_ddp_timeout_with_an_error_naming_it(
@@ -162,7 +172,7 @@ def test_a_frozen_rank_fails_the_others_after_ddp_timeout_with_an_error_naming_i
         deadline = time.time() + 120
         while "closing signal" not in log.read_text() and proc.poll() is None and time.time() < deadline:
             time.sleep(0.2)
-        assert "rank 1 still owes 2 batches" in log.read_text(), log.read_text()[-4000:]
+        assert "rank 1 still owes 7 batches" in log.read_text(), log.read_text()[-4000:]  # 4 prefix, 3 full
     finally:
         if pid_file.exists():
             with contextlib.suppress(ProcessLookupError):  # else torchrun waits 30 s before it kills it
