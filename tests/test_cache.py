@@ -128,16 +128,16 @@ def test_full_trace_modes_share_one_cache_whatever_k_and_p(
 def test_interrupted_run_resumes_with_the_missing_questions_only(
     questions, tiny_model, tiny_tokenizer, tmp_path, counted
 ):
-    # batch size 1: the hf backend gets calls of generation.POOL questions, so 16 questions are 4 calls
+    # 12 prefix and 4 full questions, one worker: 4 parts of each kind (PARTS_PER_RANK), the prefix parts of 3
     sampling = {"sampling": {"max_new_tokens": 12, "batch_size": 1}}
     reference = run(questions, tiny_model, tiny_tokenizer, tmp_path / "reference", **sampling)
     counted.update(questions=0, batches=0, crash_after=2)
     with pytest.raises(KeyboardInterrupt):
         run(questions, tiny_model, tiny_tokenizer, tmp_path / "crashed", **sampling)
-    assert counted["questions"] == 8
+    assert counted["questions"] == 6
     counted.update(questions=0, batches=0, crash_after=None)
     resumed = run(questions, tiny_model, tiny_tokenizer, tmp_path / "crashed", **sampling)
-    assert counted["questions"] == 8
+    assert counted["questions"] == 10
     assert resumed == reference, "same seed per batch: a resumed run draws exactly the uninterrupted samples"
 
 

@@ -10,7 +10,7 @@ import pytest
 import tiny
 import yaml
 
-from axolotl_upft.cache import SampleCache
+from axolotl_upft.cache import FORMAT, UNKNOWN_RANK, Record, SampleCache
 from axolotl_upft.loop import PARTS_PER_RANK, Prompt, cost, deal, pending, plan_batches, split
 from axolotl_upft.rows import FULL, PREFIX, question_kinds
 
@@ -131,3 +131,16 @@ def test_four_ranks_generate_even_token_counts_on_200_questions(tmp_path, tiny_m
     assert sorted(tokens) == [0, 1, 2, 3], tokens
     mean = sum(tokens.values()) / 4
     assert all(abs(t - mean) <= 0.15 * mean for t in tokens.values()), tokens
+
+
+def test_part_files_name_their_rank_and_older_ones_stay_readable(tmp_path):
+    cache = SampleCache(tmp_path, "k" * 64, {})
+    cache.open()
+    for rank, (index, ids) in enumerate([(0, [1, 2, 3]), (1, [4])]):
+        cache.rank = rank
+        cache.write_part([Record(index, PREFIX, "q", ids, True)])
+    old = {"format": FORMAT, "key": cache.key, "count": 1}  # written before headers named a rank
+    record = {"i": 2, "kind": FULL, "q": "q", "ids": [5, 6], "stop": False}
+    (cache.dir / "part-old-1.jsonl").write_text(json.dumps(old) + "\n" + json.dumps(record) + "\n")
+    assert cache.tokens_by_rank() == {0: 3, 1: 1, UNKNOWN_RANK: 2}
+    assert sorted(cache.load()) == [0, 1, 2]
