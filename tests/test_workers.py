@@ -150,3 +150,15 @@ def test_a_cache_folder_the_nodes_do_not_share_fails_in_seconds_naming_upft_cach
         assert "upft.cache_dir:" in log and "a filesystem every node mounts" in log, log[-3000:]
     assert seconds < 120, f"failed after {seconds:.0f} s, not after ddp_timeout (600 s)"
     assert not list(tmp_path.glob("node*/prepared/upft_samples/*/part-*.jsonl")), "nothing was sampled"
+
+
+@slow
+def test_a_failed_worker_is_reported_with_its_exit_code_and_its_log(tmp_path):
+    from axolotl_upft.workers import run_workers
+
+    broken = tmp_path / "questions.jsonl"
+    broken.write_text("not json\n")
+    cfg = {"datasets": [{"path": str(broken), "type": "upft"}], "upft": {"cache_dir": str(tmp_path / "s")}}
+    with pytest.raises(RuntimeError, match=r"sampling worker \d of 2 failed \(exit code 1\)") as failed:
+        run_workers(cfg, [None, None])
+    assert f"{broken}: line 1 is not JSON" in str(failed.value), "the worker's own error, from its log"
