@@ -81,6 +81,14 @@ class SamplingConfig(BaseModel):
         "(qlora / lora) config. Off auto, samples come from another model than the one trained.",
     )
     tensor_parallel_size: int = Field(1, ge=1, description="GPUs per vLLM engine (vllm backend only).")
+    workers: int | None = Field(
+        None,
+        ge=1,
+        description="Sampling processes that one process (`axolotl preprocess`, a one-process `axolotl "
+        "train` or `axolotl-upft sample`) starts, one engine each on its own GPUs (tensor_parallel_size of "
+        "them with vLLM); null: the visible GPUs // tensor_parallel_size on a GPU machine, 1 on CPU. Under a "
+        "launcher (torchrun, accelerate, DeepSpeed) the launcher's ranks sample instead.",
+    )
     gpu_memory_utilization: float | None = Field(
         None,
         gt=0.0,

@@ -79,34 +79,28 @@ def load_config_single_process(load_cfg, config: Path):
 @click.command("upft-sample")
 @click.argument("config", type=click.Path(exists=True, dir_okay=False, path_type=Path))
 def sample_command(config):
-    """Self-sample every `type: upft` dataset of CONFIG into upft.cache_dir (shards across ranks)."""
+    """Self-sample every `type: upft` dataset of CONFIG into upft.cache_dir: under a launcher each rank its
+    share; one process starts upft.sampling.workers child processes (null: one per GPU or GPU group)."""
     no_telemetry_unless_asked()
     from axolotl.cli.config import load_cfg
-    from axolotl.loaders import load_tokenizer
-    from axolotl.utils.data.sft import _load_and_process_single_dataset
 
-    from .dataset import SAMPLES_DIR
-    from .distributed import CFG_KEY, Distributed, ddp_timeout
-    from .inputs import check_inputs
+    from .distributed import Distributed
+    from .workers import launched, launcher_ranks, sample_datasets, start_workers
 
     cfg = load_config_single_process(load_cfg, config)
-    datasets = upft_datasets(cfg)
-    tokenizer = load_tokenizer(cfg)
-    dist = cfg[CFG_KEY] = Distributed.from_env(ddp_timeout(cfg))
+    upft_datasets(cfg)
+    dist = launcher_ranks(cfg) if launched() else Distributed()
     try:
-        check_inputs(cfg)
-        # Axolotl's own loader, so the questions match what `preprocess` will see.
-        loaded = [
-            _load_and_process_single_dataset(ds, cfg, tokenizer, "train", cfg.seed)[0] for ds in datasets
-        ]
+        if not launched():
+            start_workers(cfg)  # then this process reads the complete cache below
+        folders = sample_datasets(cfg, dist)
     except ValueError as err:
         raise click.UsageError(str(err)) from None
     finally:
         dist.close()
     if dist.rank == 0:
-        for rows in loaded:
-            samples_dir = Path(json.loads(rows.info.description)[SAMPLES_DIR])
-            click.echo((samples_dir / "summary.json").read_text())
+        for folder in folders:
+            click.echo((folder / "summary.json").read_text())
 
 
 main.add_command(sample_command, name="sample")
@@ -222,7 +216,10 @@ def eval_command(
         system_prompt = system_prompt if system_prompt is not None else upft.system_prompt
     if model_path is None:
         raise click.UsageError("give --model (or --config, whose base_model is then evaluated)")
-    dist = Distributed.from_env(ddp_timeout(cfg))
+    from .generation import resolve_backend
+
+    vllm = resolve_backend(backend or upft.sampling.backend) == "vllm"  # a tp group of ranks shares an engine
+    dist = Distributed.from_env(ddp_timeout(cfg), upft.sampling.tensor_parallel_size if vllm else 1)
     try:
         for benchmark in benchmarks:
             summary = evaluate(

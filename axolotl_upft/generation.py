@@ -629,32 +629,33 @@ TORCHRUN_VARIABLES = (
 )
 
 
-def rank_devices(visible: list[str], local_rank: int, tensor_parallel_size: int) -> list[str]:
-    """This rank's own devices for its vLLM engine: the local_rank-th group of tensor_parallel_size."""
-    start = local_rank * tensor_parallel_size
-    devices = visible[start : start + tensor_parallel_size]
-    if len(devices) < tensor_parallel_size:
+def engine_devices(visible: list[str], tensor_parallel_size: int, env=os.environ) -> list[str]:
+    """This rank's engine devices among the node's `visible` ones: its group's (`engine_group`)."""
+    from .distributed import engine_group, node_size
+
+    group = engine_group(node_size(env), int(env.get("LOCAL_RANK", "0")), tensor_parallel_size)
+    if group.devices[-1] >= len(visible):
         raise ValueError(
-            f"upft.sampling.tensor_parallel_size: {tensor_parallel_size} on local rank {local_rank} needs "
-            f"devices {start}..{start + tensor_parallel_size - 1}, but this node has {len(visible)} "
-            f"({','.join(visible)}). Start fewer processes per node or lower tensor_parallel_size."
+            f"upft.sampling.tensor_parallel_size: {tensor_parallel_size} on local rank "
+            f"{env.get('LOCAL_RANK', '0')} needs devices {group.devices[0]}..{group.devices[-1]}, but this "
+            f"node has {len(visible)} ({','.join(visible)}). Start fewer processes per node or lower "
+            "tensor_parallel_size."
         )
-    return devices
+    return [visible[i] for i in group.devices]
 
 
 @contextmanager
 def engine_environment(tensor_parallel_size: int):
-    """The environment vLLM's engine processes inherit as they start: under torchrun on GPUs, this rank's
-    own devices as CUDA_VISIBLE_DEVICES (else every rank's engine lands on the node's first GPU), never
+    """The environment vLLM's engine processes inherit as they start: on GPUs, this rank's engine group's
+    devices as CUDA_VISIBLE_DEVICES (else every rank's engine lands on the node's first GPU), never
     torchrun's variables (the engine is a world of its own, not a member of the ranks' group), and on CPU
     no core held back for this process (vLLM reserves one by default: half of a 2-core machine)."""
     saved = os.environ.copy()
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and torch.cuda.is_available():
+    if torch.cuda.is_available():
         visible = os.environ.get("CUDA_VISIBLE_DEVICES") or ",".join(
             str(i) for i in range(torch.cuda.device_count())
         )
-        local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-        devices = rank_devices(visible.split(","), local_rank, tensor_parallel_size)
+        devices = engine_devices(visible.split(","), tensor_parallel_size)
         os.environ["CUDA_VISIBLE_DEVICES"] = ",".join(devices)
     for key in TORCHRUN_VARIABLES:
         os.environ.pop(key, None)

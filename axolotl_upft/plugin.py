@@ -54,8 +54,13 @@ class UPFTPlugin(BasePlugin):
             plugins.move_to_end(name, last=False)
 
     def load_datasets(self, cfg, preprocess: bool = False):
-        """Local question files and cache_dir, checked before Axolotl loads the data."""
+        """Runs on every rank before Axolotl loads the data: local question files and cache_dir are checked,
+        then every GPU samples (`workers.sample_first`), so Axolotl, which prepares data on one process,
+        builds its rows from the complete cache. None: Axolotl's own loading goes on."""
+        from .workers import sample_first
+
         check_inputs(cfg)
+        sample_first(cfg)
 
     def get_trainer_cls(self, cfg):
         """`upft.loss_normalization: sample` (the default): every row weighs the same, as at micro-batch 1."""

@@ -92,7 +92,7 @@ def test_the_engine_options_default_to_what_runs_on_cpu_and_on_a_gpu(monkeypatch
 
 @pytest.mark.parametrize(
     ("visible", "local_rank", "tp", "expected"),
-    [(None, 1, 1, "1"), (None, 1, 2, "2,3"), ("4,5,6,7", 3, 1, "7"), ("4,5,6,7", 0, 4, "4,5,6,7")],
+    [(None, 1, 1, "1"), (None, 2, 2, "2,3"), ("4,5,6,7", 3, 1, "7"), ("4,5,6,7", 0, 4, "4,5,6,7")],
 )
 def test_under_torchrun_each_ranks_engine_sees_only_its_own_gpus(
     monkeypatch, visible, local_rank, tp, expected
@@ -112,8 +112,8 @@ def test_under_torchrun_each_ranks_engine_sees_only_its_own_gpus(
 
 
 def test_more_engine_gpus_than_the_node_has_names_the_settings():
-    with pytest.raises(ValueError, match=r"tensor_parallel_size: 2 on local rank 1 needs devices 2..3"):
-        generation.rank_devices(["0", "1"], 1, 2)
+    with pytest.raises(ValueError, match=r"tensor_parallel_size: 2 on local rank 2 needs devices 2..3"):
+        generation.engine_devices(["0", "1"], 2, {"LOCAL_WORLD_SIZE": "4", "LOCAL_RANK": "2"})
 
 
 def test_one_process_on_cpu_pins_no_device_and_gives_the_engine_every_core(monkeypatch):
