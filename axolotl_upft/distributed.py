@@ -109,16 +109,6 @@ class Distributed:
         return self.world_size if self.layout is None else self.layout[1]
 
     @property
-    def workers(self) -> int:
-        """How many ranks sample (generate_all deals its parts over these)."""
-        return self.world_size
-
-    @property
-    def worker(self) -> int | None:
-        """This rank's index among the sampling workers; None if it only waits for their part files."""
-        return self.rank
-
-    @property
     def poll_seconds(self) -> float:
         """How often a waiting rank looks for files and a working rank shows it is alive."""
         return min(10.0, self.timeout / 10)
