@@ -1,6 +1,6 @@
 """The one generation loop of self-sampling, evaluation and the prefix analysis.
 
-Plan batches over *all* requests, skip what the cache holds, deal the rest to ranks, seed each batch,
+Plan batches over *all* requests, skip what the cache holds, deal the rest to ranks, seed each request,
 generate, write a part file, wait for the other ranks' part files (polling the cache, not in a collective
 that times out), load, check the prompt digests. The callers differ only in what a request is and what
 becomes of its record. A plan never depends on what is cached, so a resumed run draws the samples a
@@ -33,8 +33,8 @@ class Request(Protocol):
 
 
 class Generator(Protocol):
-    def generate(self, prompts: list[list[int]], *, max_new_tokens: int, seed: int, **options) -> list:
-        """One (generated ids, stopped) pair per prompt."""
+    def generate(self, prompts: list[list[int]], *, seeds: list[int], max_new_tokens: int, **options) -> list:
+        """One (generated ids, stopped) pair per prompt, each drawn from its own seed (`request_seed`)."""
 
     def close(self) -> None:
         """Free the model (and stop an engine) once this rank's batches are written."""
@@ -69,9 +69,13 @@ def plan_batches(requests: Sequence[Request], sizes: dict[str, int]) -> list[lis
     return batches
 
 
-def batch_seed(seed: int, batch: Sequence[Request]) -> int:
-    """The seed of a planned batch: its requests and the run's seed, nothing else."""
-    return int(digest([seed, [r.index for r in batch]])[:8], 16)
+SEED_BITS = 63  # torch's and vLLM's seeds are int64 (vLLM passes them to torch.Generator.manual_seed)
+
+
+def request_seed(seed: int, index: int) -> int:
+    """The seed of one request: the run's seed and the request's index (question and sample) and nothing
+    else, so a sample is the same for any batch size, plan, rank count or resume."""
+    return int(digest([seed, index]), 16) % 2**SEED_BITS
 
 
 def widths(requests: Sequence[Request]) -> dict[str, int]:
@@ -113,16 +117,13 @@ def check_records(records: dict[int, Record], requests: Sequence[Request], cache
             )
 
 
-def pending(
-    batches: list[list[Request]], done: dict[int, Record], seed: int
-) -> list[tuple[int, list[Request]]]:
-    """(seed, requests still to generate) of every planned batch with work left; the seed is the whole
-    batch's, so a batch left half-done by an older plan keeps one seed."""
+def pending(batches: list[list[Request]], done: dict[int, Record]) -> list[list[Request]]:
+    """The requests still to generate of every planned batch with work left."""
     out = []
     for batch in batches:
         missing = [r for r in batch if r.index not in done]
         if missing:
-            out.append((batch_seed(seed, batch), missing))
+            out.append(missing)
     return out
 
 
@@ -144,16 +145,14 @@ def generate_all(
     check_records(done, requests, cache)
     dist.barrier()
     cached = sum(r.index in done for r in requests)
-    work = pending(plan_batches(requests, sizes), done, seed)
-    owed = {
-        cache.part_path([r.index for r in batch]): j % dist.world_size for j, (_, batch) in enumerate(work)
-    }
+    work = pending(plan_batches(requests, sizes), done)
+    owed = {cache.part_path([r.index for r in batch]): j % dist.world_size for j, batch in enumerate(work)}
     mine = work[dist.rank :: dist.world_size]
     if mine:
         LOG.info(
             "%s: %d of %d to generate (%d cached), %d batches of up to %s on rank %d/%d",
             desc,
-            sum(len(b) for _, b in mine),
+            sum(len(b) for b in mine),
             len(requests),
             cached,
             len(mine),
@@ -169,6 +168,7 @@ def generate_all(
                 load,
                 limits,
                 options,
+                seed=seed,
                 show=dist.rank == 0,
                 desc=desc,
                 total=total,
@@ -233,7 +233,17 @@ def silent_rank_error(
 
 
 def run_batches(
-    mine, cache: SampleCache, load: Callable[[], Generator], limits, options, *, show, desc, total, before
+    mine,
+    cache: SampleCache,
+    load: Callable[[], Generator],
+    limits,
+    options,
+    *,
+    seed,
+    show,
+    desc,
+    total,
+    before,
 ) -> None:
     """Load the model, generate and write this rank's batches, close the model (and its engine) again; the
     progress bar counts every rank's part files."""
@@ -245,6 +255,7 @@ def run_batches(
             model,
             limits,
             options,
+            seed=seed,
             bar=tqdm(total=total, desc=desc, unit="q", disable=not show),
             total=total,
             before=before,
@@ -253,11 +264,16 @@ def run_batches(
         model.close()
 
 
-def write_batches(mine, cache: SampleCache, model: Generator, limits, options, *, bar, total, before) -> None:
+def write_batches(
+    mine, cache: SampleCache, model: Generator, limits, options, *, seed, bar, total, before
+) -> None:
     started, new_tokens = time.perf_counter(), 0
-    for seed, batch in mine:
+    for batch in mine:
         outputs = model.generate(
-            [r.prompt_ids for r in batch], max_new_tokens=limits[batch[0].kind], seed=seed, **options
+            [r.prompt_ids for r in batch],
+            seeds=[request_seed(seed, r.index) for r in batch],
+            max_new_tokens=limits[batch[0].kind],
+            **options,
         )
         records = [
             Record(r.index, r.kind, ids_digest(r.prompt_ids), ids, stopped)
