@@ -420,17 +420,23 @@ class CandidateSampler:
         """One token per row from the warped softmax at the uniform of the row's key and step (`uniforms`),
         by inverse CDF over the candidates: a row draws the same token whichever rows share its batch."""
         values, indices = self.candidates(scores)
-        cdf = values.float().softmax(-1).cumsum(-1)
-        total = cdf[..., -1:]
-        # strictly below the total, so the first cdf value above it is a token of nonzero probability
-        target = torch.minimum(uniforms(keys, steps)[:, None] * total, total.nextafter(total.new_zeros(())))
-        choice = torch.searchsorted(cdf, target, right=True)
+        choice = inverse_cdf(values, uniforms(keys, steps))
         return (choice if indices is None else indices.gather(-1, choice)).squeeze(-1)
 
     def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
         step = torch.tensor(input_ids.shape[1] - self.start, device=scores.device)
         token = self.draw(scores, self.keys, step)
         return torch.full_like(scores, -torch.inf).scatter(-1, token[:, None], 0.0)
+
+
+def inverse_cdf(values: torch.Tensor, uniform: torch.Tensor) -> torch.Tensor:
+    """The (rows, 1) position drawn from each row's softmax(values) at its uniform in [0, 1): the first whose
+    cumulative probability exceeds it (cumsum + searchsorted, no sort)."""
+    cdf = values.float().softmax(-1).cumsum(-1)
+    total = cdf[..., -1:]
+    # strictly below the total, so the first cdf value above it is a token of nonzero probability
+    target = torch.minimum(uniform[:, None] * total, total.nextafter(total.new_zeros(())))
+    return torch.searchsorted(cdf, target, right=True)
 
 
 # splitmix64 (Steele, Lea & Flood 2014) in int64 arithmetic: products wrap modulo 2**64 as unsigned ones do,
