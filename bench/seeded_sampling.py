@@ -185,11 +185,13 @@ def main(argv=None) -> dict:
     args = parser.parse_args(argv)
     build_model(args.model, args.layers)
     prompts = prompts_of(args.model, args.n)
+    config = json.loads((args.model / "config.json").read_text())
     options = QWEN | {"max_new_tokens": args.new_tokens, "stop_ids": frozenset()}
     result = {
         "device": "cuda" if torch.cuda.is_available() else "cpu",
         "threads": torch.get_num_threads(),
-        "model": {"shape": "Qwen2.5-0.5B width, random weights", "layers": args.layers, "vocab": 151936},
+        "model": {"path": str(args.model)}
+        | {key: config[key] for key in ("hidden_size", "num_hidden_layers", "vocab_size")},
         "n": len(prompts),
         "new_tokens": args.new_tokens,
         "repeats": args.repeats,
