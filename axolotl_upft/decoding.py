@@ -151,10 +151,12 @@ def decode_pool(
     max_new_tokens: int,
     stop_ids: frozenset[int],
     pad_id: int,
-    pick: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+    pick: Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor],
 ) -> list[list[int]]:
     """Each prompt's generated ids (a stop id ends them), decoding at most `running` rows at a time, in
-    prompt order. `pick(ids, logits)` turns each row's ids so far and next-token logits into its token."""
+    prompt order. `pick(ids, logits, rows, steps)` turns each row's ids so far and next-token logits into
+    its token; `rows` name the rows' prompts (indices into `prompts`) and `steps` count the tokens each has
+    generated, since rows join the batch at different steps (a seeded draw per row needs both)."""
     device = model.device
     stops = torch.tensor(sorted(stop_ids), device=device)
     out = torch.full((len(prompts), max_new_tokens), pad_id, dtype=torch.long, device=device)
@@ -168,7 +170,7 @@ def decode_pool(
             batch = new if batch is None else batch
             if new is not batch:
                 batch.merge(new)
-        token = pick(batch.ids, batch.logits)
+        token = pick(batch.ids, batch.logits, batch.rows, batch.steps)
         out[batch.rows, batch.steps] = token
         batch.steps += 1
         keep = (~torch.isin(token, stops) & (batch.steps < max_new_tokens)).nonzero().squeeze(-1)

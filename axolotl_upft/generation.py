@@ -25,7 +25,7 @@ AUTO_BATCH = {"cuda": 256, "cpu": 16}  # full-trace batches; on a GPU also cappe
 PREFIX_BATCH_CAP = 2048  # prefix batches hold only prompt + k tokens, so on a GPU they grow up to this
 MEMORY_SHARE = 0.5  # of the GPU memory left after the weights, for one batch's cache, activations and logits
 STATIC_WIDTH = 64  # with a static KV cache, prompt widths are padded to a multiple of this (fewer recompiles)
-DRAW_VERSION = 2  # of the tokens the hf backend draws for a seed; part of the sample cache key
+DRAW_VERSION = 3  # of the tokens the hf backend draws for a seed; part of the sample cache key
 POOL = 4  # the hf backend decodes a batch size of rows at a time from calls of POOL x that many prompts
 VLLM_CPU_MEMORY_SHARE = 0.3  # of RAM on CPU, where vLLM refuses its GPU default of 0.9
 VLLM_MISSING = 'upft.sampling.backend: vllm needs vLLM: pip install "axolotl-upft[vllm]"'
@@ -361,14 +361,24 @@ class CandidateSampler:
     transformers' warper chain (`warp`), with two bounds: top-k keeps ties with the k-th score among the
     next max(k, TIE_WINDOW) tokens only (transformers keeps every tie), and top-p without top-k runs the
     chain itself when the nucleus is wider than NUCLEUS_CANDIDATES tokens. With top-k set, a step has no
-    host synchronisation."""
+    host synchronisation. Each row draws with its own seed (`draw`). As `generate`'s logits processor, its
+    rows have the keys `keys` (`row_keys`) and are at step `input_ids`' width - `start` (the padded prompts'
+    width)."""
 
-    def __init__(self, temperature: float, top_k: int | None, top_p: float | None):
+    def __init__(
+        self,
+        temperature: float,
+        top_k: int | None,
+        top_p: float | None,
+        keys: torch.Tensor | None = None,
+        start: int = 0,
+    ):
         self.temperature, self.top_k, self.top_p = (
             temperature,
             top_k or 0,
             top_p if top_p is not None else 1.0,
         )
+        self.keys, self.start = keys, start
 
     def chain(self, scores: torch.Tensor) -> torch.Tensor:
         from transformers.generation.logits_process import TopPLogitsWarper
@@ -406,11 +416,63 @@ class CandidateSampler:
         values, indices = self.candidates(scores)
         return values if indices is None else torch.full_like(scores, -torch.inf).scatter(-1, indices, values)
 
-    def __call__(self, input_ids, scores: torch.Tensor) -> torch.Tensor:
+    def draw(self, scores: torch.Tensor, keys: torch.Tensor, steps: torch.Tensor) -> torch.Tensor:
+        """One token per row from the warped softmax at the uniform of the row's key and step (`uniforms`),
+        by inverse CDF over the candidates: a row draws the same token whichever rows share its batch."""
         values, indices = self.candidates(scores)
-        choice = torch.multinomial(values.softmax(-1), 1)
-        token = choice if indices is None else indices.gather(-1, choice)
-        return torch.full_like(scores, -torch.inf).scatter(-1, token, 0.0)
+        choice = inverse_cdf(values, uniforms(keys, steps))
+        return (choice if indices is None else indices.gather(-1, choice)).squeeze(-1)
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        step = torch.tensor(input_ids.shape[1] - self.start, device=scores.device)
+        token = self.draw(scores, self.keys, step)
+        return torch.full_like(scores, -torch.inf).scatter(-1, token[:, None], 0.0)
+
+
+def inverse_cdf(values: torch.Tensor, uniform: torch.Tensor) -> torch.Tensor:
+    """The (rows, 1) position drawn from each row's softmax(values) at its uniform in [0, 1): the first whose
+    cumulative probability exceeds it (cumsum + searchsorted, no sort)."""
+    cdf = values.float().softmax(-1).cumsum(-1)
+    total = cdf[..., -1:]
+    # strictly below the total, so the first cdf value above it is a token of nonzero probability
+    target = torch.minimum(uniform[:, None] * total, total.nextafter(total.new_zeros(())))
+    return torch.searchsorted(cdf, target, right=True)
+
+
+# splitmix64 (Steele, Lea & Flood 2014) in int64 arithmetic: products wrap modulo 2**64 as unsigned ones do,
+# and right shifts are masked to be logical.
+GOLDEN_GAMMA = 0x9E3779B97F4A7C15
+MIX_MULTIPLIERS = (0xBF58476D1CE4E5B9, 0x94D049BB133111EB)
+
+
+def as_int64(value: int) -> int:
+    """An unsigned 64-bit constant as the int64 of the same bits."""
+    return value - (1 << 64) if value >= 1 << 63 else value
+
+
+def shift_right(x: torch.Tensor, bits: int) -> torch.Tensor:
+    """Logical right shift of int64 words (torch's >> is arithmetic)."""
+    return (x >> bits) & ((1 << (64 - bits)) - 1)
+
+
+def mix64(x: torch.Tensor) -> torch.Tensor:
+    """splitmix64's finalizer: a bijection of 64-bit words in which every output bit depends on every input
+    bit."""
+    x = (x ^ shift_right(x, 30)) * as_int64(MIX_MULTIPLIERS[0])
+    x = (x ^ shift_right(x, 27)) * as_int64(MIX_MULTIPLIERS[1])
+    return x ^ shift_right(x, 31)
+
+
+def row_keys(seeds: list[int], device) -> torch.Tensor:
+    """Each row's key from its request's seed (loop.request_seed), on the device that draws."""
+    return mix64(torch.tensor(seeds, dtype=torch.int64, device=device))
+
+
+def uniforms(keys: torch.Tensor, steps: torch.Tensor) -> torch.Tensor:
+    """A float32 uniform in [0, 1) per row, a function of its key and step only (counter-based, on the
+    device, no generator state): the top 24 bits of the step-th output of the key's splitmix64 stream."""
+    bits = mix64(keys + (steps + 1) * as_int64(GOLDEN_GAMMA))
+    return shift_right(bits, 40).float() * 2.0**-24
 
 
 def generate_batch(
@@ -441,26 +503,27 @@ def decode(
     temperature: float,
     top_p: float | None,
     top_k: int | None,
-    seed: int,
+    seeds: list[int],
     repetition_penalty: float = 1.0,
     running: int | None = None,
 ) -> list[tuple[list[int], bool]]:
     """`decode_pool` with `generate`'s token choice: greedy (argmax) gives `generate`'s greedy tokens; a
-    temperature draws with CandidateSampler from one random stream (`seed`) over the rows running at each
-    step, after any repetition penalty (over each row's own ids, never its padding)."""
+    temperature draws with CandidateSampler, each row from its own seed at its own step, after any
+    repetition penalty (over each row's own ids, never its padding). So a row's sample is the same whatever
+    the batch, `running` or the order it is decoded in."""
     from transformers.generation.logits_process import RepetitionPenaltyLogitsProcessor
 
-    generator = torch.Generator(model.device).manual_seed(seed)
+    keys = row_keys(seeds, model.device)
     sampler = CandidateSampler(temperature, top_k, top_p) if temperature else None
     penalty = RepetitionPenaltyLogitsProcessor(repetition_penalty) if repetition_penalty != 1.0 else None
 
-    def pick(ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+    def pick(
+        ids: torch.Tensor, scores: torch.Tensor, rows: torch.Tensor, steps: torch.Tensor
+    ) -> torch.Tensor:
         scores = penalty(ids, scores) if penalty else scores
         if sampler is None:
             return scores.argmax(-1)
-        values, indices = sampler.candidates(scores)
-        choice = torch.multinomial(values.softmax(-1), 1, generator=generator)
-        return (choice if indices is None else indices.gather(-1, choice)).squeeze(-1)
+        return sampler.draw(scores, keys[rows], steps)
 
     out = decode_pool(
         model,
@@ -485,14 +548,14 @@ def generate_static(
     temperature: float,
     top_p: float | None,
     top_k: int | None,
-    seed: int,
+    seeds: list[int],
     repetition_penalty: float = 1.0,
 ) -> list[tuple[list[int], bool]]:
     """transformers `generate` with a fixed-shape KV cache, which it compiles on a GPU (CUDA graphs); prompts
-    are left-padded to a multiple of STATIC_WIDTH so batches share shapes."""
+    are left-padded to a multiple of STATIC_WIDTH so batches share shapes. Rows draw as in `decode`: each
+    from its own seed, at its step (the tokens it has generated)."""
     width = pad_width(max(len(p) for p in prompts), "static")
     ids, mask = left_pad(prompts, pad_id, model.device, width)
-    torch.manual_seed(seed)
     # generate runs greedy: with a temperature, CandidateSampler (a logits processor, after any repetition
     # penalty as in transformers' order) has already drawn the token. Every knob is passed, so nothing else
     # of the model's generation_config.json applies.
@@ -505,7 +568,8 @@ def generate_static(
         "cache_implementation": "static",
     }
     if temperature:
-        options["logits_processor"] = LogitsProcessorList([CandidateSampler(temperature, top_k, top_p)])
+        sampler = CandidateSampler(temperature, top_k, top_p, row_keys(seeds, model.device), ids.shape[1])
+        options["logits_processor"] = LogitsProcessorList([sampler])
     out = model.generate(
         input_ids=ids,
         attention_mask=mask,
@@ -529,8 +593,7 @@ def trim_host_memory() -> None:
 class HFSampler:
     """The hf decode loop (or `generate` with a static cache) on a loaded model. It decodes `running` rows
     at a time, by default a POOL-th of a call's prompts (`call_sizes`). A batch that runs out of GPU memory
-    is split in halves, seeded seed + 1 and seed + 2 (rows of a batch share one random stream, so the
-    halves draw other samples than the whole batch would; a rerun that splits the same way draws the same)."""
+    is split in halves that keep their rows' seeds, so they draw the samples the whole batch would have."""
 
     def __init__(self, model, cache_implementation: str = "dynamic", running: int | None = None):
         self.model = model
@@ -565,13 +628,15 @@ class HFSampler:
             torch.cuda.empty_cache()
         trim_host_memory()
 
-    def generate(self, prompts: list[list[int]], *, seed: int, **kwargs) -> list[tuple[list[int], bool]]:
+    def generate(
+        self, prompts: list[list[int]], *, seeds: list[int], **kwargs
+    ) -> list[tuple[list[int], bool]]:
         try:
             running = self.running or -(-len(prompts) // POOL)
             return generate_batch(
                 self.model,
                 prompts,
-                seed=seed,
+                seeds=seeds,
                 cache_implementation=self.cache_implementation,
                 running=running,
                 **kwargs,
@@ -588,16 +653,16 @@ class HFSampler:
             "UPFT: batch of %d ran out of GPU memory; splitting it (set upft.sampling.batch_size)",
             len(prompts),
         )
-        return self.generate(prompts[:half], seed=seed + 1, **kwargs) + self.generate(
-            prompts[half:], seed=seed + 2, **kwargs
+        return self.generate(prompts[:half], seeds=seeds[:half], **kwargs) + self.generate(
+            prompts[half:], seeds=seeds[half:], **kwargs
         )
 
 
 def vllm_sampling_params(
-    count: int, *, max_new_tokens, stop_ids, temperature, top_p, top_k, seed, repetition_penalty=1.0
+    seeds: list[int], *, max_new_tokens, stop_ids, temperature, top_p, top_k, repetition_penalty=1.0
 ) -> list[dict]:
-    """`vllm.SamplingParams` keyword arguments of `count` requests: the hf backend's settings in vLLM's
-    terms (no top-p is 1.0, no top-k is -1) and one seed per request (batch seed + position)."""
+    """`vllm.SamplingParams` keyword arguments of one request per seed: the hf backend's settings in vLLM's
+    terms (no top-p is 1.0, no top-k is -1) and the request's own seed (loop.request_seed)."""
     return [
         {
             "n": 1,
@@ -607,10 +672,10 @@ def vllm_sampling_params(
             "repetition_penalty": repetition_penalty,
             "max_tokens": max_new_tokens,
             "stop_token_ids": sorted(stop_ids),
-            "seed": seed + i,
+            "seed": seed,
             "detokenize": False,
         }
-        for i in range(count)
+        for seed in seeds
     ]
 
 
@@ -709,7 +774,7 @@ def lora_rank(adapter: str) -> int:
 class VLLMSampler:
     """vLLM's offline engine on the model as trained: base weights (a pre-quantized checkpoint by its own
     config) plus any adapter through vLLM's LoRA support (`LoRARequest`). Every request carries its own seed
-    (batch seed + position). The engine runs in child processes, so `close` gives all of its memory back
+    (loop.request_seed). The engine runs in child processes, so `close` gives all of its memory back
     before training loads the model."""
 
     def __init__(self, model: TrainedModel, sampling, max_model_len: int | None = None):
@@ -729,7 +794,13 @@ class VLLMSampler:
                 self.llm = LLM(**options)
             # some kernels (attention head sizes) are only refused at the first step: take it now
             self.generate(
-                [[0]], max_new_tokens=1, stop_ids=frozenset(), temperature=0, top_p=None, top_k=None, seed=0
+                [[0]],
+                max_new_tokens=1,
+                stop_ids=frozenset(),
+                temperature=0,
+                top_p=None,
+                top_k=None,
+                seeds=[0],
             )
         except (RuntimeError, ValueError, NotImplementedError, EngineDeadError) as err:
             self.close()
@@ -740,10 +811,10 @@ class VLLMSampler:
                 "gpu_memory_utilization, dtype)."
             ) from err
 
-    def generate(self, prompts, *, pad_id=None, **options):
+    def generate(self, prompts, *, seeds: list[int], pad_id=None, **options):
         from vllm import SamplingParams, TokensPrompt
 
-        params = [SamplingParams(**kwargs) for kwargs in vllm_sampling_params(len(prompts), **options)]
+        params = [SamplingParams(**kwargs) for kwargs in vllm_sampling_params(seeds, **options)]
         prompts = [TokensPrompt(prompt_token_ids=p) for p in prompts]
         outputs = self.llm.generate(prompts, params, use_tqdm=False, lora_request=self.lora)
         return [cut_at_stop(list(o.outputs[0].token_ids), frozenset(options["stop_ids"])) for o in outputs]

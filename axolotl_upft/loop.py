@@ -1,7 +1,7 @@
 """The one generation loop of self-sampling, evaluation and the prefix analysis.
 
 Plan parts over *all* requests (sized from their number and the workers'), skip what the cache holds,
-deal the rest to the sampling workers by estimated decode cost, seed each part, generate, write a part
+deal the rest to the sampling workers by estimated decode cost, seed each request, generate, write a part
 file, wait for the other workers' part files (polling the cache, not in a collective that times out),
 load, check the prompt digests. The callers differ only in what a request is and what
 becomes of its record. A plan never depends on what is cached, so a resumed run draws the samples a
@@ -42,8 +42,8 @@ class Request(Protocol):
 
 
 class Generator(Protocol):
-    def generate(self, prompts: list[list[int]], *, max_new_tokens: int, seed: int, **options) -> list:
-        """One (generated ids, stopped) pair per prompt."""
+    def generate(self, prompts: list[list[int]], *, seeds: list[int], max_new_tokens: int, **options) -> list:
+        """One (generated ids, stopped) pair per prompt, each drawn from its own seed (`request_seed`)."""
 
     def close(self) -> None:
         """Free the model (and stop an engine) once this rank's batches are written."""
@@ -123,9 +123,13 @@ def deal(parts: list[list[Request]], limits: dict[str, int], workers: int) -> li
     return owner
 
 
-def batch_seed(seed: int, batch: Sequence[Request]) -> int:
-    """The seed of a planned batch: its requests and the run's seed, nothing else."""
-    return int(digest([seed, [r.index for r in batch]])[:8], 16)
+SEED_BITS = 63  # torch's and vLLM's seeds are int64 (vLLM passes them to torch.Generator.manual_seed)
+
+
+def request_seed(seed: int, index: int) -> int:
+    """The seed of one request: the run's seed and the request's index (question and sample) and nothing
+    else, so a sample is the same for any batch size, plan, rank count or resume."""
+    return int(digest([seed, index]), 16) % 2**SEED_BITS
 
 
 def widths(requests: Sequence[Request]) -> dict[str, int]:
@@ -194,12 +198,12 @@ def generate_all(
     work = pending(plan_batches(requests, list(limits), dist.workers, sizes), done)
     owners = deal(work, limits, dist.workers)
     owed = {cache.part_path([r.index for r in part]): w for part, w in zip(work, owners)}
-    mine = [(batch_seed(seed, part), part) for part, w in zip(work, owners) if w == dist.worker]
+    mine = [part for part, w in zip(work, owners) if w == dist.worker]
     if mine:
         LOG.info(
             "%s: %d of %d to generate (%d cached), %d parts on worker %d of %d (rank %d)",
             desc,
-            sum(len(b) for _, b in mine),
+            sum(len(b) for b in mine),
             len(requests),
             cached,
             len(mine),
@@ -216,6 +220,7 @@ def generate_all(
                 load,
                 limits,
                 options,
+                seed=seed,
                 show=dist.rank == 0,
                 desc=desc,
                 total=total,
@@ -280,7 +285,17 @@ def silent_rank_error(
 
 
 def run_batches(
-    mine, cache: SampleCache, load: Callable[[], Generator], limits, options, *, show, desc, total, before
+    mine,
+    cache: SampleCache,
+    load: Callable[[], Generator],
+    limits,
+    options,
+    *,
+    seed,
+    show,
+    desc,
+    total,
+    before,
 ) -> None:
     """Load the model, generate and write this rank's batches, close the model (and its engine) again; the
     progress bar counts every rank's part files."""
@@ -292,6 +307,7 @@ def run_batches(
             model,
             limits,
             options,
+            seed=seed,
             bar=tqdm(total=total, desc=desc, unit="q", disable=not show),
             total=total,
             before=before,
@@ -300,11 +316,16 @@ def run_batches(
         model.close()
 
 
-def write_batches(mine, cache: SampleCache, model: Generator, limits, options, *, bar, total, before) -> None:
+def write_batches(
+    mine, cache: SampleCache, model: Generator, limits, options, *, seed, bar, total, before
+) -> None:
     started, new_tokens = time.perf_counter(), 0
-    for seed, batch in mine:
+    for batch in mine:
         outputs = model.generate(
-            [r.prompt_ids for r in batch], max_new_tokens=limits[batch[0].kind], seed=seed, **options
+            [r.prompt_ids for r in batch],
+            seeds=[request_seed(seed, r.index) for r in batch],
+            max_new_tokens=limits[batch[0].kind],
+            **options,
         )
         records = [
             Record(r.index, r.kind, ids_digest(r.prompt_ids), ids, stopped)

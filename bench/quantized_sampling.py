@@ -50,7 +50,14 @@ def run_case(args) -> dict:
     loaded = time.perf_counter()
     after_load = rss_bytes()  # on CPU the peak is the load (the 16-bit checkpoint is read whatever the case)
     options = {"stop_ids": frozenset(), "pad_id": pad_token_id(tokenizer), "temperature": 0}
-    out = sampler.generate(prompts, seed=0, max_new_tokens=args.new_tokens, top_p=None, top_k=None, **options)
+    out = sampler.generate(
+        prompts,
+        seeds=list(range(len(prompts))),
+        max_new_tokens=args.new_tokens,
+        top_p=None,
+        top_k=None,
+        **options,
+    )
     seconds = time.perf_counter() - loaded
     tokens = sum(len(ids) for ids, _ in out)
     result = {

@@ -44,7 +44,7 @@ from axolotl_upft.generation import (
     resolve_sampling,
     sampling_device,
 )
-from axolotl_upft.loop import Prompt
+from axolotl_upft.loop import Prompt, request_seed
 from axolotl_upft.prompts import chat_messages, pad_token_id, render_prompt_ids
 from axolotl_upft.rows import FULL, PREFIX, cut_at_stop, question_kinds
 from axolotl_upft.selfsample import read_generation_config, sampling_options, sampling_settings, stop_ids
@@ -86,7 +86,10 @@ def timed_sampling(sampler, questions: list[Prompt], batch_size: dict, limits: d
     start, tokens = time.perf_counter(), 0
     for i, batch in enumerate(plan_batches(questions, batch_size)):
         outputs = sampler.generate(
-            [q.prompt_ids for q in batch], max_new_tokens=limits[batch[0].kind], seed=i, **options
+            [q.prompt_ids for q in batch],
+            seeds=[request_seed(0, q.index) for q in batch],
+            max_new_tokens=limits[batch[0].kind],
+            **options,
         )
         tokens += sum(len(ids) for ids, _ in outputs)
     if sampler.model.device.type == "cuda":
@@ -160,7 +163,8 @@ def prefix_speed(args, prompts: list[list[int]], options: dict) -> dict:
 
     def ours():
         for i, batch in enumerate(plan_batches(questions, sizes)):
-            sampler.generate([q.prompt_ids for q in batch], max_new_tokens=args.k, seed=i, **options)
+            seeds = [request_seed(i, q.index) for q in batch]
+            sampler.generate([q.prompt_ids for q in batch], seeds=seeds, max_new_tokens=args.k, **options)
 
     result = {
         "plain_generate": {"batch_size": 256, "cache_implementation": "dynamic"}
@@ -218,7 +222,8 @@ def race(sampler, pools: list[list[Prompt]], batch_size: int, limit: int, settin
                     )
                 ]
             else:
-                outputs[name] = sampler.generate(ids, max_new_tokens=limit, seed=i, **settings)
+                seeds = request_seeds(i, 0, len(ids))
+                outputs[name] = sampler.generate(ids, seeds=seeds, max_new_tokens=limit, **settings)
             totals[name][1] += time.perf_counter() - start
             totals[name][0] += sum(len(o) for o, _ in outputs[name])
         differ += sum(a != b for a, b in zip(outputs["plain"], outputs["upft"]))
@@ -236,7 +241,7 @@ def side_by_side(args, prompts: list[list[int]], options: dict) -> dict:
     greedy and sampled, prefixes (k tokens) and full traces, side by side in one run. Greedy also counts
     the rows whose tokens differ from plain `generate`'s."""
     sampler = HFSampler(load_model(args.model, sampling_device()), running=args.batch_size)
-    sampler.generate(prompts[:2], max_new_tokens=2, seed=0, **options)  # warm-up
+    sampler.generate(prompts[:2], seeds=[0, 1], max_new_tokens=2, **options)  # warm-up
     result = {}
     for kind, limit in ((PREFIX, args.k), (FULL, args.max_new_tokens)):
         if kind not in args.kinds.split(","):
@@ -248,6 +253,11 @@ def side_by_side(args, prompts: list[list[int]], options: dict) -> dict:
             result[f"{kind}_{mode}"] = race(sampler, pools, args.batch_size, limit, settings)
             print(json.dumps({f"{kind}_{mode}": result[f"{kind}_{mode}"]}), file=sys.stderr, flush=True)
     return result
+
+
+def request_seeds(seed: int, start: int, count: int) -> list[int]:
+    """The loop's seeds of requests start..start+count-1 of a run seeded `seed`."""
+    return [request_seed(seed, i) for i in range(start, start + count)]
 
 
 def timed(run, *args) -> tuple[list, float]:
@@ -280,11 +290,13 @@ def engine_runners(args, prompts: list[list[int]]) -> tuple[dict, dict]:
         return [
             row
             for j in range(0, len(ids), pool)
-            for row in hf.generate(ids[j : j + pool], max_new_tokens=limit, seed=seed, **settings)
+            for row in hf.generate(
+                ids[j : j + pool], seeds=request_seeds(seed, j, pool), max_new_tokens=limit, **settings
+            )
         ]
 
     def engine(ids, limit, settings, seed):  # one call: vLLM schedules its own batches
-        return vllm.generate(ids, max_new_tokens=limit, seed=seed, **settings)
+        return vllm.generate(ids, seeds=request_seeds(seed, 0, len(ids)), max_new_tokens=limit, **settings)
 
     return {"vllm": engine, "hf_loop": loop, "plain_generate": plain}, startup | {"close": vllm.close}
 
@@ -399,7 +411,7 @@ def main(argv=None) -> dict:
     kinds = question_kinds(len(texts), args.p, upft.seed)
     limits = {PREFIX: args.k, FULL: args.max_new_tokens}
     sampler = HFSampler.load(TrainedModel(args.model), hf_sampling(args))
-    sampler.generate(prompts[:2], max_new_tokens=2, seed=0, **options)  # warm-up
+    sampler.generate(prompts[:2], seeds=[0, 1], max_new_tokens=2, **options)  # warm-up
     sizes = {PREFIX: args.prefix_batch_size or args.batch_size, FULL: args.batch_size}
 
     upft_q = [Prompt(i, p, k) for i, (p, k) in enumerate(zip(prompts, kinds))]

@@ -20,7 +20,10 @@
 #     train       the four `axolotl train` cases above (~5-6 min)
 #     ratio       bench/sampling.py: UPFT vs self-SFT vs RFT-16 sampling time, 64 questions, 512-token traces
 #     trainbench  bench/training.py: packed vs micro-batch-1 vs self-SFT vs plain Axolotl, full FT bf16
-#   A lent GPU's 15 minutes fit `STAGES="speed train"` in one call and `STAGES="ratio trainbench"` in a second.
+#     seeded      bench/seeded_sampling.py: tokens/s of seeded vs unseeded vLLM requests (where vLLM is
+#                 installed) and of the hf loop's per-row seeded draw vs a shared generator (~2-3 min)
+#   A lent GPU's 15 minutes fit `STAGES="speed train"` in one call and `STAGES="ratio trainbench"` in a second
+#   (or `STAGES="seeded ratio"`).
 set -u
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
 cd "$ROOT"
@@ -36,7 +39,8 @@ export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TRANSFORMERS_OFFLINE=1
 export AXOLOTL_DO_NOT_TRACK=1 DO_NOT_TRACK=1 WANDB_MODE=disabled WANDB_DISABLED=true
 export TOKENIZERS_PARALLELISM=false PYTHONUNBUFFERED=1
 
-run_stages() {  # the STAGES in order; MODEL, SPEED_N, SPEED_K, RATIO_N, RATIO_TOKENS, CPU_FLAG, TRAINBENCH_ARGS
+run_stages() {  # the STAGES in order; MODEL, SPEED_N, SPEED_K, RATIO_N, RATIO_TOKENS, CPU_FLAG, TRAINBENCH_ARGS,
+  # SEEDED_ARGS
   local failed=0
   for stage in $STAGES; do
     echo "== stage $stage"
@@ -63,6 +67,12 @@ run_stages() {  # the STAGES in order; MODEL, SPEED_N, SPEED_K, RATIO_N, RATIO_T
             $TRAINBENCH_ARGS > "$LOGS/trainbench.json" 2> "$LOGS/trainbench.log" \
           && tr -d ' \n' < "$LOGS/trainbench.json" | cut -c1-1500 && echo \
           || { echo "GPU_CHECK trainbench: FAIL"; tail -5 "$LOGS/trainbench.log"; failed=1; } ;;
+      seeded)
+        # shellcheck disable=SC2086
+        timeout 400 $PY bench/seeded_sampling.py --model "$MODEL" $SEEDED_ARGS \
+            > "$LOGS/seeded.json" 2> "$LOGS/seeded.log" \
+          && tr -d ' \n' < "$LOGS/seeded.json" | cut -c1-1500 && echo \
+          || { echo "GPU_CHECK seeded: FAIL"; tail -5 "$LOGS/seeded.log"; failed=1; } ;;
       *) echo "unknown stage $stage"; failed=1 ;;
     esac
   done
@@ -86,7 +96,8 @@ case $MODE in
     echo "== make_model --tiny"
     $PY scripts/gpu_check/make_model.py "$WORK/qwen2.5-0.5b-random" --tiny --device cpu || exit 1
     MODEL="$WORK/qwen2.5-0.5b-random" SPEED_N=32 SPEED_K=8 RATIO_N=4 RATIO_TOKENS=16 CASES=lora \
-        CPU_FLAG=--cpu TRAINBENCH_ARGS="--questions 16 --k 8 --max-new-tokens 16 --sequence-len 512" run_stages
+        CPU_FLAG=--cpu TRAINBENCH_ARGS="--questions 16 --k 8 --max-new-tokens 16 --sequence-len 512" \
+        SEEDED_ARGS="--arms hf --n 4 --new-tokens 4 --repeats 2 --running 2" run_stages
     exit $? ;;
   gpu) ;;
   *) echo "usage: $0 [--prepare|--dry-run-cpu]"; exit 2 ;;
@@ -129,4 +140,5 @@ $PY scripts/gpu_check/make_model.py "$WORK/qwen2.5-0.5b-random" > "$LOGS/make_mo
 tail -1 "$LOGS/make_model.log" | cut -c1-300
 
 MODEL="$WORK/qwen2.5-0.5b-random" SPEED_N=2048 SPEED_K=32 RATIO_N=64 RATIO_TOKENS=512 CPU_FLAG= \
-    TRAINBENCH_ARGS="--questions 128 --max-new-tokens 512 --sequence-len 4096 --micro-batch-size 1" run_stages
+    TRAINBENCH_ARGS="--questions 128 --max-new-tokens 512 --sequence-len 4096 --micro-batch-size 1" \
+    SEEDED_ARGS="--n 256 --new-tokens 256 --repeats 4 --running 64" run_stages

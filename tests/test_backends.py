@@ -130,13 +130,12 @@ def test_one_process_on_cpu_pins_no_device_and_gives_the_engine_every_core(monke
 
 def test_vllm_request_parameters_carry_the_hf_settings_in_vllms_terms():
     params = generation.vllm_sampling_params(
-        3,
+        [100, 7, 2**62],
         max_new_tokens=32,
         stop_ids=frozenset({7, 2}),
         temperature=0.6,
         top_p=None,
         top_k=None,
-        seed=100,
         repetition_penalty=1.05,
     )
     assert params[0] == {
@@ -150,11 +149,11 @@ def test_vllm_request_parameters_carry_the_hf_settings_in_vllms_terms():
         "seed": 100,
         "detokenize": False,
     }
-    assert [p["seed"] for p in params] == [100, 101, 102], "one seed per request: batch seed + position"
-    options = {"max_new_tokens": 8, "stop_ids": {2}, "temperature": 0.6, "top_p": 0.8, "seed": 0}
-    set_ = generation.vllm_sampling_params(1, top_k=20, **options)[0]
+    assert [p["seed"] for p in params] == [100, 7, 2**62], "each request its own seed (loop.request_seed)"
+    options = {"max_new_tokens": 8, "stop_ids": {2}, "temperature": 0.6, "top_p": 0.8}
+    set_ = generation.vllm_sampling_params([0], top_k=20, **options)[0]
     assert (set_["top_p"], set_["top_k"], set_["repetition_penalty"]) == (0.8, 20, 1.0)
-    off = generation.vllm_sampling_params(1, top_k=0, **options)[0]
+    off = generation.vllm_sampling_params([0], top_k=0, **options)[0]
     assert off["top_k"] == -1, "transformers' 0 (off) is vLLM's -1"
 
 
@@ -163,6 +162,6 @@ def test_vllm_sampling_params_accepts_every_mapped_parameter_with_its_value():
     from vllm import SamplingParams
 
     options = {"max_new_tokens": 32, "stop_ids": {2, 7}, "temperature": 0.6, "top_p": 0.9, "top_k": 20}
-    kwargs = generation.vllm_sampling_params(1, seed=5, repetition_penalty=1.05, **options)[0]
+    kwargs = generation.vllm_sampling_params([2**63 - 1], repetition_penalty=1.05, **options)[0]
     params = SamplingParams(**kwargs)
     assert {name: getattr(params, name) for name in kwargs} == kwargs

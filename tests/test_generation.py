@@ -9,6 +9,7 @@ import torch
 from axolotl_upft import generation
 from axolotl_upft.args import UPFTConfig
 from axolotl_upft.dataset import build_rows
+from axolotl_upft.loop import request_seed
 
 # The public Qwen2.5-0.5B and Qwen2.5-7B shapes (config.json keys the estimate reads)
 QWEN_05B = {
@@ -28,6 +29,11 @@ QWEN_7B = {
     "vocab_size": 152064,
 }
 GIB = 2**30
+
+
+def seeds(seed: int, prompts: list) -> list[int]:
+    """The seeds the generation loop gives a run's requests 0..n-1."""
+    return [request_seed(seed, i) for i in range(len(prompts))]
 
 
 def test_rows_that_fit_counts_kv_cache_prefill_and_logits_bytes():
@@ -90,7 +96,7 @@ def test_static_kv_cache_draws_the_same_greedy_samples_as_the_dynamic_one(
         "temperature": 0.0,
         "top_p": None,
         "top_k": None,
-        "seed": 0,
+        "seeds": list(range(len(prompts))),
     }
     dynamic = generation.generate_batch(model, prompts, **options)
     static = generation.generate_batch(model, prompts, cache_implementation="static", **options)
@@ -176,12 +182,14 @@ def test_one_pass_warper_keeps_tokens_tied_at_the_kth_value_like_the_chain_withi
 
 @pytest.mark.parametrize(("top_k", "top_p"), [(20, 0.8), (0, 0.9), (0, 1.0), (8, 1.0)])
 def test_candidate_sampler_draws_from_the_warped_softmax(top_k, top_p):
+    """40,000 rows of the same logits, each with its own seed, as `generate`'s logits processor."""
     torch.manual_seed(1)
     logits = torch.randn(1, 500) * 2.5
     draws = 40_000
     expected = chain(logits.clone(), 0.6, top_k, top_p).softmax(-1)[0]
-    torch.manual_seed(2)
-    one_hot = generation.CandidateSampler(0.6, top_k, top_p)(None, logits.expand(draws, -1).clone())
+    keys = generation.row_keys(list(range(draws)), "cpu")
+    sampler = generation.CandidateSampler(0.6, top_k, top_p, keys, start=3)
+    one_hot = sampler(torch.zeros(draws, 5, dtype=torch.long), logits.expand(draws, -1).clone())
     assert torch.equal((one_hot == 0).sum(-1), torch.ones(draws, dtype=torch.long)), "one token per row"
     assert bool(one_hot[one_hot != 0].isinf().all())
     frequency = torch.bincount(one_hot.argmax(-1), minlength=500) / draws
@@ -199,9 +207,15 @@ def test_sampling_is_seeded_and_greedy_matches_transformers_greedy(tiny_model, t
     prompts = [render_prompt_ids(tiny_tokenizer, chat_messages(q["question"], None)) for q in questions[:8]]
     eos, pad = tiny_tokenizer.eos_token_id, tiny_tokenizer.pad_token_id
     options = {"max_new_tokens": 16, "stop_ids": frozenset({eos}), "pad_id": pad, "top_p": 0.9, "top_k": 20}
-    first = generation.generate_batch(model, prompts, temperature=0.7, seed=3, **options)
-    assert generation.generate_batch(model, prompts, temperature=0.7, seed=3, **options) == first
-    assert generation.generate_batch(model, prompts, temperature=0.7, seed=4, **options) != first
+    first = generation.generate_batch(model, prompts, temperature=0.7, seeds=seeds(3, prompts), **options)
+    assert (
+        generation.generate_batch(model, prompts, temperature=0.7, seeds=seeds(3, prompts), **options)
+        == first
+    )
+    assert (
+        generation.generate_batch(model, prompts, temperature=0.7, seeds=seeds(4, prompts), **options)
+        != first
+    )
     ids, mask = generation.left_pad(prompts, pad, model.device)
     out = model.generate(
         input_ids=ids,
@@ -213,7 +227,10 @@ def test_sampling_is_seeded_and_greedy_matches_transformers_greedy(tiny_model, t
         repetition_penalty=1.0,
     )
     greedy = [generation.cut_at_stop(row, frozenset({eos})) for row in out[:, ids.shape[1] :].tolist()]
-    assert generation.generate_batch(model, prompts, temperature=0.0, seed=0, **options) == greedy
+    assert (
+        generation.generate_batch(model, prompts, temperature=0.0, seeds=seeds(0, prompts), **options)
+        == greedy
+    )
 
 
 def test_generation_config_repetition_penalty_is_not_applied_unless_set(
@@ -235,7 +252,7 @@ def test_generation_config_repetition_penalty_is_not_applied_unless_set(
         "temperature": 0.0,
         "top_p": None,
         "top_k": None,
-        "seed": 0,
+        "seeds": list(range(len(prompts))),
     }
     plain = generation.generate_batch(
         generation.load_model(str(tiny_model), torch.device("cpu")), prompts, **options
@@ -293,10 +310,16 @@ def test_decode_loop_refilling_finished_rows_keeps_transformers_greedy_tokens(
     assert len({len(row) for row, _ in expected}) >= 3, "rows stop at different steps"
     assert {stopped for _, stopped in expected} == {True, False}
     options = {"max_new_tokens": 20, "stop_ids": stops, "pad_id": pad, "top_p": None, "top_k": None}
-    got = generation.generate_batch(model, prompts, temperature=0.0, seed=0, running=running, **options)
+    got = generation.generate_batch(
+        model, prompts, temperature=0.0, seeds=seeds(0, prompts), running=running, **options
+    )
     assert got == expected
-    sampled = generation.generate_batch(model, prompts, temperature=0.7, seed=3, running=running, **options)
-    again = generation.generate_batch(model, prompts, temperature=0.7, seed=3, running=running, **options)
+    sampled = generation.generate_batch(
+        model, prompts, temperature=0.7, seeds=seeds(3, prompts), running=running, **options
+    )
+    again = generation.generate_batch(
+        model, prompts, temperature=0.7, seeds=seeds(3, prompts), running=running, **options
+    )
     assert sampled == again and sampled != got
 
 
@@ -320,8 +343,12 @@ def test_generation_config_keys_outside_upft_sampling_do_not_shape_the_hf_draw(
         "top_k": None,
     }
     plain_model = generation.load_model(str(tiny_model), torch.device("cpu"))
-    greedy = generation.generate_batch(plain_model, prompts, temperature=0.0, seed=0, **options)
-    sampled = generation.generate_batch(plain_model, prompts, temperature=0.7, seed=3, **options)
+    greedy = generation.generate_batch(
+        plain_model, prompts, temperature=0.0, seeds=seeds(0, prompts), **options
+    )
+    sampled = generation.generate_batch(
+        plain_model, prompts, temperature=0.7, seeds=seeds(3, prompts), **options
+    )
     drawn = sorted({t for ids, _ in greedy + sampled for t in ids} - {eos})
     assert any(len(set(ids)) < len(ids) for ids, _ in greedy), "greedy repeats a token: n-gram blocking shows"
     value = {
@@ -335,8 +362,14 @@ def test_generation_config_keys_outside_upft_sampling_do_not_shape_the_hf_draw(
     config = json.loads((shaped / "generation_config.json").read_text())
     (shaped / "generation_config.json").write_text(json.dumps(config | {key: value}))
     model = generation.load_model(str(shaped), torch.device("cpu"))
-    assert generation.generate_batch(model, prompts, temperature=0.0, seed=0, **options) == greedy
-    assert generation.generate_batch(model, prompts, temperature=0.7, seed=3, **options) == sampled
+    assert (
+        generation.generate_batch(model, prompts, temperature=0.0, seeds=seeds(0, prompts), **options)
+        == greedy
+    )
+    assert (
+        generation.generate_batch(model, prompts, temperature=0.7, seeds=seeds(3, prompts), **options)
+        == sampled
+    )
     # the same key, as transformers applies it from the file, changes the greedy draw
     ids, mask = generation.left_pad(prompts, options["pad_id"], model.device)
     out = model.generate(

@@ -14,7 +14,7 @@ from axolotl_upft.args import UPFTConfig
 from axolotl_upft.cache import Record, SampleCache
 from axolotl_upft.dataset import build_rows
 from axolotl_upft.distributed import CFG_KEY, Distributed, Heartbeat
-from axolotl_upft.loop import Prompt, pending, plan_batches, wait_for_ranks
+from axolotl_upft.loop import Prompt, pending, plan_batches, request_seed, wait_for_ranks
 from axolotl_upft.rows import PREFIX
 
 
@@ -25,6 +25,14 @@ def test_cached_requests_are_skipped_but_the_rest_of_their_part_stays_together()
     done = {0: None, 4: None, 5: None}
     # part [4, 5] is finished and skipped; [0, 1] keeps its place as [1]
     assert pending(parts, done) == [requests[1:2], requests[2:4], requests[6:8]]
+
+
+def test_a_request_seed_is_its_runs_seed_and_index_only_in_the_range_torch_and_vllm_take():
+    seeds = [request_seed(42, i) for i in range(10_000)]
+    assert len(set(seeds)) == len(seeds), "every request its own stream"
+    assert all(0 <= s < 2**63 for s in seeds) and max(seeds) > 2**62, "63 bits used, within int64"
+    assert request_seed(42, 7) == request_seed(42, 7) != request_seed(43, 7)
+    torch.Generator().manual_seed(max(seeds))  # torch (vLLM's per-request generators) takes it
 
 
 def cached_samples(cache_root) -> dict[int, list[int]]:
@@ -73,24 +81,24 @@ def test_a_resumed_run_draws_the_samples_of_a_clean_run_with_memory_sized_batche
     assert resumed == clean
 
 
-def test_a_batch_halved_after_running_out_of_memory_is_seeded_the_same_on_every_run(monkeypatch):
+def test_a_batch_halved_after_running_out_of_memory_keeps_each_prompts_seed(monkeypatch):
     seen = []
 
-    def generate_batch(model, prompts, *, seed, **kwargs):
+    def generate_batch(model, prompts, *, seeds, **kwargs):
         if len(prompts) > 2:
             raise torch.cuda.OutOfMemoryError("simulated")
         # no exception being handled: its traceback would keep the failed batch's tensors alive
         assert sys.exc_info()[0] is None, "the halves run outside the except block"
-        seen.append((len(prompts), seed))
-        return [([seed], True) for _ in prompts]
+        seen.append(seeds)
+        return [([prompt[0], seed], True) for prompt, seed in zip(prompts, seeds)]
 
     monkeypatch.setattr(generation, "generate_batch", generate_batch)
     sampler = generation.HFSampler(model=None)
-    first = sampler.generate([[1]] * 5, seed=100, max_new_tokens=4)
-    # 5 -> 2 (seed 101) + 3 (seed 102); 3 -> 1 (seed 103) + 2 (seed 104)
-    assert seen == [(2, 101), (1, 103), (2, 104)]
-    assert first == [([101], True)] * 2 + [([103], True)] + [([104], True)] * 2
-    assert sampler.generate([[1]] * 5, seed=100, max_new_tokens=4) == first
+    prompts = [[p] for p in range(5)]
+    out = sampler.generate(prompts, seeds=[100, 101, 102, 103, 104], max_new_tokens=4)
+    # 5 -> 2 + 3; 3 -> 1 + 2
+    assert seen == [[100, 101], [102], [103, 104]]
+    assert out == [([p, 100 + p], True) for p in range(5)], "each prompt's own seed, in order"
 
 
 def opened_cache(tmp_path) -> SampleCache:

@@ -160,7 +160,7 @@ def test_without_a_cfg_the_sampler_loads_the_adapter_with_peft_on_top_of_the_bas
     eos = tiny_tokenizer.eos_token_id
     prompts = [[5 + i, 6, 7, 8] for i in range(8)]
     options = {"stop_ids": frozenset([eos]), "pad_id": 0, "temperature": 0, "top_p": None, "top_k": None}
-    sampled = [ids for ids, _ in sampler.generate(prompts, seed=0, max_new_tokens=4, **options)]
+    sampled = [ids for ids, _ in sampler.generate(prompts, seeds=list(range(8)), max_new_tokens=4, **options)]
     sampler.close()
     base = AutoModelForCausalLM.from_pretrained(vllm_model).eval()
     assert sampled != [greedy(base, p, 4, eos) for p in prompts], "the adapter changes the samples"

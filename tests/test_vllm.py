@@ -24,6 +24,7 @@ from axolotl_upft.cache import SampleCache
 from axolotl_upft.dataset import build_rows
 from axolotl_upft.generation import VLLMSampler
 from axolotl_upft.logs import NAMESPACE
+from axolotl_upft.loop import request_seed
 from axolotl_upft.rows import FULL, PREFIX
 from axolotl_upft.trained import TrainedModel
 
@@ -162,7 +163,7 @@ def test_closing_the_engine_gives_its_memory_back(vllm_model, tiny_tokenizer):
     before, children = process_tree_rss()
     sampler = VLLMSampler(TrainedModel(str(vllm_model)), SamplingConfig(backend="vllm", dtype="float32"), 64)
     greedy = {"temperature": 0, "top_p": None, "top_k": None, "stop_ids": {tiny_tokenizer.eos_token_id}}
-    out = sampler.generate([[5, 6, 7]] * 4, max_new_tokens=4, seed=0, **greedy)
+    out = sampler.generate([[5, 6, 7]] * 4, max_new_tokens=4, seeds=[0, 1, 2, 3], **greedy)
     running, engines = process_tree_rss()
     sampler.close()
     time.sleep(1)
@@ -292,11 +293,12 @@ def test_vllm_and_the_hf_loop_draw_first_tokens_from_one_distribution(vllm_model
         return scores.softmax(-1)[0]
 
     n = 3000
-    hf = HFSampler(model).generate([prompt] * n, max_new_tokens=1, seed=1, **options)
+    seeds = [request_seed(1, i) for i in range(n)]
+    hf = HFSampler(model).generate([prompt] * n, max_new_tokens=1, seeds=seeds, **options)
     sampling = SamplingConfig(backend="vllm", dtype="float32")
     engine = VLLMSampler(TrainedModel(str(vllm_model)), sampling, max_model_len=len(prompt) + 1)
     try:
-        vllm = engine.generate([prompt] * n, max_new_tokens=1, seed=1, **options)
+        vllm = engine.generate([prompt] * n, max_new_tokens=1, seeds=seeds, **options)
     finally:
         engine.close()
     both = (target(2.0) > 0) & (target(1.0) > 0)  # tokens both distributions can draw

@@ -34,7 +34,7 @@ def sample_and_close(model: TrainedModel) -> int:
     sampler = HFSampler.load(model, SamplingConfig())
     weights = sampler.model.get_memory_footprint()
     options = {"stop_ids": frozenset(), "pad_id": 0, "temperature": 0, "top_p": None, "top_k": None}
-    sampler.generate([[5, 6, 7, 8]] * 4, seed=0, max_new_tokens=8, **options)
+    sampler.generate([[5, 6, 7, 8]] * 4, seeds=[0, 1, 2, 3], max_new_tokens=8, **options)
     sampler.close()
     return weights
 
