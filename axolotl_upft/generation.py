@@ -25,7 +25,7 @@ AUTO_BATCH = {"cuda": 256, "cpu": 16}  # full-trace batches; on a GPU also cappe
 PREFIX_BATCH_CAP = 2048  # prefix batches hold only prompt + k tokens, so on a GPU they grow up to this
 MEMORY_SHARE = 0.5  # of the GPU memory left after the weights, for one batch's cache, activations and logits
 STATIC_WIDTH = 64  # with a static KV cache, prompt widths are padded to a multiple of this (fewer recompiles)
-DRAW_VERSION = 3  # of the tokens the hf backend draws for a seed; part of the sample cache key
+DRAW_VERSION = 3  # of the request seeds (both engines) and the hf loop's draw; part of the sample cache key
 POOL = 4  # the hf backend decodes a batch size of rows at a time from calls of POOL x that many prompts
 VLLM_CPU_MEMORY_SHARE = 0.3  # of RAM on CPU, where vLLM refuses its GPU default of 0.9
 VLLM_MISSING = 'upft.sampling.backend: vllm needs vLLM: pip install "axolotl-upft[vllm]"'
@@ -590,9 +590,15 @@ def trim_host_memory() -> None:
         libc.malloc_trim(0)
 
 
+def running_rows(prompts: int, part_cap: int | None) -> int:
+    """Rows the hf loop decodes at a time: the batch size (a POOL-th of the largest part, `call_sizes`), so
+    a small part (many ranks, few questions) still decodes as many rows as fit; without a cap a POOL-th."""
+    return min(prompts, -(-part_cap // POOL)) if part_cap else -(-prompts // POOL)
+
+
 class HFSampler:
     """The hf decode loop (or `generate` with a static cache) on a loaded model. It decodes `running` rows
-    at a time, by default a POOL-th of a call's prompts (`call_sizes`). A batch that runs out of GPU memory
+    at a time, by default the batch size (`running_rows`). A batch that runs out of GPU memory
     is split in halves that keep their rows' seeds, so they draw the samples the whole batch would have."""
 
     def __init__(self, model, cache_implementation: str = "dynamic", running: int | None = None):
@@ -629,10 +635,10 @@ class HFSampler:
         trim_host_memory()
 
     def generate(
-        self, prompts: list[list[int]], *, seeds: list[int], **kwargs
+        self, prompts: list[list[int]], *, seeds: list[int], part_cap: int | None = None, **kwargs
     ) -> list[tuple[list[int], bool]]:
         try:
-            running = self.running or -(-len(prompts) // POOL)
+            running = self.running or running_rows(len(prompts), part_cap)
             return generate_batch(
                 self.model,
                 prompts,
@@ -653,8 +659,8 @@ class HFSampler:
             "UPFT: batch of %d ran out of GPU memory; splitting it (set upft.sampling.batch_size)",
             len(prompts),
         )
-        return self.generate(prompts[:half], seeds=seeds[:half], **kwargs) + self.generate(
-            prompts[half:], seeds=seeds[half:], **kwargs
+        return self.generate(prompts[:half], seeds=seeds[:half], part_cap=part_cap, **kwargs) + self.generate(
+            prompts[half:], seeds=seeds[half:], part_cap=part_cap, **kwargs
         )
 
 
@@ -811,7 +817,7 @@ class VLLMSampler:
                 "gpu_memory_utilization, dtype)."
             ) from err
 
-    def generate(self, prompts, *, seeds: list[int], pad_id=None, **options):
+    def generate(self, prompts, *, seeds: list[int], pad_id=None, part_cap=None, **options):
         from vllm import SamplingParams, TokensPrompt
 
         params = [SamplingParams(**kwargs) for kwargs in vllm_sampling_params(seeds, **options)]

@@ -42,8 +42,18 @@ class Request(Protocol):
 
 
 class Generator(Protocol):
-    def generate(self, prompts: list[list[int]], *, seeds: list[int], max_new_tokens: int, **options) -> list:
-        """One (generated ids, stopped) pair per prompt, each drawn from its own seed (`request_seed`)."""
+    def generate(
+        self,
+        prompts: list[list[int]],
+        *,
+        seeds: list[int],
+        max_new_tokens: int,
+        part_cap: int | None,
+        **options,
+    ) -> list:
+        """One (generated ids, stopped) pair per prompt, each drawn from its own seed (`request_seed`).
+        `part_cap` is the most prompts a part of this kind may hold (None: no cap), which sizes the hf
+        loop's running rows however small this part is."""
 
     def close(self) -> None:
         """Free the model (and stop an engine) once this rank's batches are written."""
@@ -221,6 +231,7 @@ def generate_all(
                 limits,
                 options,
                 seed=seed,
+                caps=sizes,
                 show=dist.rank == 0,
                 desc=desc,
                 total=total,
@@ -292,6 +303,7 @@ def run_batches(
     options,
     *,
     seed,
+    caps,
     show,
     desc,
     total,
@@ -308,6 +320,7 @@ def run_batches(
             limits,
             options,
             seed=seed,
+            caps=caps,
             bar=tqdm(total=total, desc=desc, unit="q", disable=not show),
             total=total,
             before=before,
@@ -317,7 +330,7 @@ def run_batches(
 
 
 def write_batches(
-    mine, cache: SampleCache, model: Generator, limits, options, *, seed, bar, total, before
+    mine, cache: SampleCache, model: Generator, limits, options, *, seed, caps, bar, total, before
 ) -> None:
     started, new_tokens = time.perf_counter(), 0
     for batch in mine:
@@ -325,6 +338,7 @@ def write_batches(
             [r.prompt_ids for r in batch],
             seeds=[request_seed(seed, r.index) for r in batch],
             max_new_tokens=limits[batch[0].kind],
+            part_cap=caps.get(batch[0].kind),
             **options,
         )
         records = [

@@ -123,12 +123,12 @@ def model_fingerprint(base_model: str) -> dict:
 
 
 def engine_key(sampling: SamplingConfig, backend: str | None = None) -> list:
-    """What draws the tokens, for cache keys: the backend of resolved upft.sampling (with the hf loop's draw
-    version) and the dtype. The same seed draws other tokens on another engine, so a key names its engine."""
+    """What draws the tokens, for cache keys: the backend of resolved upft.sampling, the draw version (the
+    seeds both engines get, the hf loop's draw) and the dtype. The same seed draws other tokens on another
+    engine, so a key names its engine."""
     from .generation import DRAW_VERSION
 
-    backend = backend or sampling.backend
-    return [backend, DRAW_VERSION if backend == "hf" else None, sampling.dtype]
+    return [backend or sampling.backend, DRAW_VERSION, sampling.dtype]
 
 
 def keyed_cache(root, meta: dict) -> SampleCache:
