@@ -167,7 +167,8 @@ main.add_command(sample_command, name="sample")
     "--batch-size",
     type=click.IntRange(min=1),
     default=None,
-    help="Rows decoded at a time by hf (default 16); vLLM: questions per cache part (default 256 on CPU).",
+    help="Rows the hf loop decodes at a time (default 16), and the most questions per cache part (4x for "
+    "hf); vLLM: no cap by default (parts are sized from the number of questions and ranks).",
 )
 @click.option(
     "--backend",
