@@ -126,16 +126,13 @@ def test_prefix_batch_size_and_static_cache_reach_the_sampler_through_the_upft_b
             "cache_implementation": "static",
         },
     )
-    rows = build_rows(
-        questions[:12],
-        tiny_tokenizer,
-        tiny.axolotl_cfg(tiny_model),
-        upft,
-    )
-    assert len(rows) == 12
-    assert seen == [(5, 4, "static"), (4, 4, "static"), (2, 12, "static"), (1, 12, "static")]
+    rows = build_rows(questions, tiny_tokenizer, tiny.axolotl_cfg(tiny_model), upft)
+    assert len(rows) == 40
+    # 30 prefixes in parts of at most prefix_batch_size (6 parts, more than the planner's 4 per kind),
+    # 10 full traces in parts of at most batch_size (5 parts); static: one call per part, no pool
+    assert seen == [(5, 4, "static")] * 6 + [(2, 12, "static")] * 5
     summary = json.loads(next(tmp_path.glob("*/summary.json")).read_text())
-    assert (summary["prefix"], summary["full"]) == (9, 3)
+    assert (summary["prefix"], summary["full"]) == (30, 10)
 
 
 def chain(scores, temperature, top_k, top_p):
