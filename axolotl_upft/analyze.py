@@ -16,7 +16,7 @@ from pathlib import Path
 from statistics import mean
 
 from .args import SamplingConfig
-from .cache import atomic_write_bytes, atomic_write_text, digest, ids_digest
+from .cache import atomic_write_bytes, atomic_write_text, digest, ids_digest, model_fingerprint
 from .distributed import Distributed
 from .generation import call_sizes, engine_length, load_sampler, resolve_sampling
 from .grading import gold_answer, is_correct
@@ -26,7 +26,6 @@ from .prompts import QUESTION_FIELDS, ChatFormat, pad_token_id, question_text
 from .selfsample import (
     context_key,
     engine_cache,
-    model_fingerprint,
     read_generation_config,
     report_context_cut,
     sampling_options,

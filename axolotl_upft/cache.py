@@ -19,6 +19,9 @@ from pathlib import Path
 FORMAT = "axolotl-upft-samples/1"
 TMP_PREFIX = ".tmp-"
 UNKNOWN_RANK = -1  # tokens_by_rank's key for part files written before headers named their rank
+# Beside the weights, what shapes a model's prompts and ids: configs, chat templates (transformers saves
+# them as chat_template.jinja), sentencepiece / tiktoken vocabularies and BPE merges.
+MODEL_FILES = ("*.json", "*.jinja", "additional_chat_templates/*.jinja", "*.model", "*.tiktoken", "*.txt")
 WEIGHT_SUFFIXES = (".safetensors", ".bin")  # weights as transformers and PEFT save them, sharded or not
 
 
@@ -191,3 +194,23 @@ class SampleCache:
             raise RuntimeError(
                 f"{path}: a record lacks {err}. Delete it; its samples will be redrawn."
             ) from None
+
+
+def hub_revision(name: str) -> str:
+    """The commit a hub model id resolves to now: the snapshot folder of its config.json (online/cached)."""
+    from huggingface_hub import hf_hub_download
+
+    return Path(hf_hub_download(name, "config.json")).parent.name
+
+
+def model_fingerprint(base_model: str) -> dict:
+    """Identity of a model without reading its weights: a folder's weight, config, tokenizer and template
+    files (names, sizes, dates), or a hub id with the revision it resolves to."""
+    path = Path(base_model)
+    if not path.is_dir():
+        return {"name": base_model, "revision": hub_revision(base_model)}
+    files = sorted({*weight_files(path), *(p for pattern in MODEL_FILES for p in path.glob(pattern))})
+    return {
+        "path": str(path.resolve()),
+        "files": [[p.relative_to(path).as_posix(), p.stat().st_size, p.stat().st_mtime_ns] for p in files],
+    }

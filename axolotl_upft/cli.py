@@ -199,22 +199,13 @@ def eval_command(
 ):
     """Greedy, zero-shot accuracy on math benchmarks (shards across ranks under torchrun)."""
     no_telemetry_unless_asked()
-    from .args import UPFTConfig
     from .distributed import Distributed, ddp_timeout
     from .evaluate import eval_fields, evaluate
     from .trained import eval_quantization
 
-    chat, cfg, upft = None, {}, UPFTConfig()
-    if config is not None:
-        from axolotl.cli.config import load_cfg
-
-        from .dataset import config_chat_format
-
-        cfg = load_config_single_process(load_cfg, config)
-        chat = config_chat_format(cfg)
-        upft = UPFTConfig.from_cfg(cfg)
-        model_path = model_path or cfg.base_model
-        system_prompt = system_prompt if system_prompt is not None else upft.system_prompt
+    chat, cfg, upft = eval_config(config)
+    model_path = model_path or cfg.get("base_model")
+    system_prompt = system_prompt if system_prompt is not None or config is None else upft.system_prompt
     if model_path is None:
         raise click.UsageError("give --model (or --config, whose base_model is then evaluated)")
     from .generation import resolve_backend
@@ -249,6 +240,21 @@ def eval_command(
 
 
 main.add_command(eval_command, name="eval")
+
+
+def eval_config(config: Path | None):
+    """(chat format, cfg, upft block) of `eval --config`: the prompts and upft.sampling its rows used;
+    without a config, the tokenizer's own template and the defaults."""
+    from .args import UPFTConfig
+
+    if config is None:
+        return None, {}, UPFTConfig()
+    from axolotl.cli.config import load_cfg
+
+    from .dataset import config_chat_format
+
+    cfg = load_config_single_process(load_cfg, config)
+    return config_chat_format(cfg), cfg, UPFTConfig.from_cfg(cfg)
 
 
 @main.command("write-benchmark")

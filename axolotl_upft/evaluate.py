@@ -19,7 +19,7 @@ from pathlib import Path
 
 from . import benchmarks
 from .args import SamplingConfig
-from .cache import Record, atomic_write_text, digest
+from .cache import Record, atomic_write_text, digest, model_fingerprint
 from .distributed import Distributed
 from .generation import call_sizes, engine_length, load_sampler, resolve_batch_size, resolve_sampling
 from .grading import (
@@ -37,7 +37,6 @@ from .prompts import ChatFormat, pad_token_id, question_text
 from .selfsample import (
     context_key,
     engine_cache,
-    model_fingerprint,
     read_generation_config,
     report_context_cut,
     stop_ids,

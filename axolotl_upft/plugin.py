@@ -196,7 +196,7 @@ def hashed_fingerprint(cfg) -> dict | None:
     """The sampled model's identity for the prepared-data hash: the base's fingerprint, its quantization and
     adapter. A hub id whose revision cannot be resolved now (offline, not downloaded yet) is hashed by its
     name; loading the model needs it resolved anyway."""
-    from .selfsample import model_fingerprint
+    from .cache import model_fingerprint
     from .trained import TrainedModel
 
     base_model = cfg.get("base_model")

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .args import SamplingConfig, UPFTConfig
-from .cache import Record, SampleCache, check_writable, digest, ids_digest, weight_files
+from .cache import Record, SampleCache, check_writable, digest, ids_digest, model_fingerprint
 from .distributed import Distributed
 from .logs import get_logger
 from .loop import Generated, context_cut, generate_all, longest, widest, widths
@@ -16,9 +16,6 @@ from .trained import TrainedModel
 
 LOG = get_logger(__name__)
 RFT_SAMPLES = 16
-# Beside the weights, what shapes a model's prompts and ids: configs, chat templates (transformers saves
-# them as chat_template.jinja), sentencepiece / tiktoken vocabularies and BPE merges.
-MODEL_FILES = ("*.json", "*.jinja", "additional_chat_templates/*.jinja", "*.model", "*.tiktoken", "*.txt")
 
 
 @dataclass(frozen=True)
@@ -100,26 +97,6 @@ def read_generation_config(base_model: str) -> dict:
             err,
         )
     return {}
-
-
-def hub_revision(name: str) -> str:
-    """The commit a hub model id resolves to now: the snapshot folder of its config.json (online/cached)."""
-    from huggingface_hub import hf_hub_download
-
-    return Path(hf_hub_download(name, "config.json")).parent.name
-
-
-def model_fingerprint(base_model: str) -> dict:
-    """Identity of a model without reading its weights: a folder's weight, config, tokenizer and template
-    files (names, sizes, dates), or a hub id with the revision it resolves to."""
-    path = Path(base_model)
-    if not path.is_dir():
-        return {"name": base_model, "revision": hub_revision(base_model)}
-    files = sorted({*weight_files(path), *(p for pattern in MODEL_FILES for p in path.glob(pattern))})
-    return {
-        "path": str(path.resolve()),
-        "files": [[p.relative_to(path).as_posix(), p.stat().st_size, p.stat().st_mtime_ns] for p in files],
-    }
 
 
 def engine_key(sampling: SamplingConfig, backend: str | None = None) -> list:

@@ -99,7 +99,7 @@ class TrainedModel:
     def key(self) -> dict:
         """The weights' identity beyond the base's files, for cache keys: quantization and the adapter's
         files (a QLoRA cache is never reused for a 16-bit run, nor one adapter's for another)."""
-        from .selfsample import model_fingerprint
+        from .cache import model_fingerprint
 
         return {
             "quantization": self.quantization,

@@ -223,7 +223,7 @@ def fake_hub_snapshot(cache, repo: str, revision: str) -> None:
 def test_a_hub_model_is_keyed_by_the_revision_it_resolves_to(monkeypatch, tmp_path):
     from huggingface_hub import constants
 
-    from axolotl_upft.selfsample import model_fingerprint
+    from axolotl_upft.cache import model_fingerprint
 
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
     monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path))

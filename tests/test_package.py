@@ -4,7 +4,7 @@ import ast
 from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parents[1] / "axolotl_upft"
-GLUE = {"plugin", "dataset", "cli"}
+GLUE = {"plugin", "dataset", "cli", "workers"}  # workers: runs Axolotl's dataset loading on every rank
 MAX_FUNCTION_LINES = 60
 
 
