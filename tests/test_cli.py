@@ -11,6 +11,7 @@ import yaml
 from click.testing import CliRunner
 from test_axolotl_e2e import qwen3_thinking_off_config, write_config
 
+from axolotl_upft import generation
 from axolotl_upft.cli import main
 from axolotl_upft.evaluate import arm_name
 
@@ -191,7 +192,7 @@ def test_eval_with_the_training_config_renders_its_prompts_and_takes_its_samplin
     (record,) = [json.loads(line) for line in part.read_text().splitlines()[1:]]
     assert len(record["ids"]) <= 7, "the sampler generated at most the config's max_new_tokens"
     meta = json.loads(part.with_name("meta.json").read_text())
-    assert (meta["engine"], meta["max_new_tokens"]) == (["hf", 2, "float32"], 7)
+    assert (meta["engine"], meta["max_new_tokens"]) == (["hf", generation.DRAW_VERSION, "float32"], 7)
     system = f"<|im_start|>system\n{summary['system_prompt']}<|im_end|>\n"
     expected = (
         system + "<|im_start|>user\nHow many ?<|im_end|>\n<|im_start|>assistant\n<think>\n\n</think>\n\n"
