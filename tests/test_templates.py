@@ -9,6 +9,7 @@ import re
 from itertools import pairwise
 
 import pytest
+import tiny
 from axolotl.utils.chat_templates import get_chat_template
 from axolotl.utils.dict import DictDefault
 
@@ -302,7 +303,7 @@ def test_eot_tokens_stop_generation_at_their_first_sampled_occurrence(
     from axolotl_upft.dataset import build_rows
 
     def traces(**keys) -> list[list[int]]:
-        cfg = DictDefault({"base_model": str(tiny_model), "sequence_len": 256, **keys})
+        cfg = tiny.axolotl_cfg(tiny_model, **keys)  # sequence_len 256
         sampling = {"temperature": 0.0, "max_new_tokens": 12, "batch_size": 4}
         upft = UPFTConfig(cache_dir=str(tmp_path), structure_ratio=1.0, sampling=sampling)
         return [r.input_ids[-r.num_trained :] for r in build_rows(questions[:4], tiny_tokenizer, cfg, upft)]
