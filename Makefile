@@ -49,7 +49,7 @@ setup: $(STAMP)
 test: setup
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
-	$(PY) -m pytest -q -rs
+	$(PY) -m pytest -q -rs --durations=15
 	PY=$(PY) bash scripts/gpu_check.sh --dry-run-cpu
 
 $(DEMO_MODEL)/config.json: $(DEMO_STAMP)

@@ -53,11 +53,12 @@ def torchrun(*args: str) -> list[str]:
     return [sys.executable, "-m", "torch.distributed.run", *args, "-m", "axolotl_upft.cli", "sample"]
 
 
-def cached_requests(config: Path) -> dict[int, tuple[str, str]]:
-    """(kind, prompt digest) of every cached record by question index."""
+def cached_records(config: Path) -> dict[int, tuple]:
+    """(kind, prompt digest, sampled ids, stopped) of every cached record by question index: what a run
+    drew, whichever part files it was written in."""
     (run_dir,) = (config.parent / "samples").iterdir()
     rows = [line for part in run_dir.glob("part-*.jsonl") for line in part.read_text().splitlines()[1:]]
-    return {r["i"]: (r["kind"], r["q"]) for r in map(json.loads, rows)}
+    return {r["i"]: (r["kind"], r["q"], r["ids"], r["stop"]) for r in map(json.loads, rows)}
 
 
 def test_two_ranks_and_two_nodes_share_the_questions_of_one_process(tmp_path, tiny_model, questions):
@@ -70,7 +71,7 @@ def test_two_ranks_and_two_nodes_share_the_questions_of_one_process(tmp_path, ti
     out = run(torchrun("--nproc_per_node", "2", "--master_port", str(free_port())) + [str(ranks)])
     expected = cache_files(ranks)
     assert len(expected) == 8 + 6, "2 ranks: 8 prefix parts of at most 8 (calls of 4 x 2), 6 full of one"
-    assert cached_requests(ranks) == cached_requests(single), "the same questions, each once"
+    assert cached_records(ranks) == cached_records(single), "per-request seeds: the samples of one process"
     assert {json.loads(text.splitlines()[0])["rank"] for text in expected.values()} == {0, 1}
     assert '"questions": 24' in out
 

@@ -121,7 +121,7 @@ def test_train_without_a_upft_block_trains_the_sample_loss_over_another_plugins_
     done = run_axolotl("train", config, "--launcher", "python")  # one process: no accelerate relaunch
     log = done.stdout + done.stderr
     assert done.returncode == 0, log[-4000:]
-    assert "reached sampling.max_new_tokens=1024" in log, "sampled with the defaults (write_config's is 16)"
+    assert "upft.sampling.max_new_tokens=1024" in log, "sampled with the defaults (write_config's is 16)"
     assert "'upft/prefix_loss'" in log, "the sample loss's metrics: UPFT's mixin trained"
     assert "'marked_by_plugin'" in log, "over the other plugin's trainer"
     assert '"upft_model": {' in log, "the fingerprint is in the config Axolotl hashes"
