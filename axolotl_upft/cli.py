@@ -208,10 +208,9 @@ def eval_command(
     system_prompt = system_prompt if system_prompt is not None or config is None else upft.system_prompt
     if model_path is None:
         raise click.UsageError("give --model (or --config, whose base_model is then evaluated)")
-    from .generation import resolve_backend
+    from .workers import engine_tp
 
-    vllm = resolve_backend(backend or upft.sampling.backend) == "vllm"  # a tp group of ranks shares an engine
-    dist = Distributed.from_env(ddp_timeout(cfg), upft.sampling.tensor_parallel_size if vllm else 1)
+    dist = Distributed.from_env(ddp_timeout(cfg), engine_tp(upft.sampling, backend))  # tp ranks: one engine
     try:
         for benchmark in benchmarks:
             summary = evaluate(

@@ -31,16 +31,17 @@ def launched() -> bool:
     return int(os.environ.get("WORLD_SIZE", "1")) > 1
 
 
-def engine_tp(cfg) -> int:
-    """GPUs per engine: upft.sampling.tensor_parallel_size with vLLM, 1 with the hf loop."""
+def engine_tp(sampling, backend: str | None = None) -> int:
+    """GPUs per engine: upft.sampling.tensor_parallel_size with vLLM (`backend` overrides the setting's), 1
+    with the hf loop."""
     from .generation import resolve_backend
 
-    sampling = UPFTConfig.from_cfg(cfg).sampling
-    return sampling.tensor_parallel_size if resolve_backend(sampling.backend) == "vllm" else 1
+    vllm = resolve_backend(backend or sampling.backend) == "vllm"
+    return sampling.tensor_parallel_size if vllm else 1
 
 
 def launcher_ranks(cfg) -> Distributed:
-    return Distributed.from_env(ddp_timeout(cfg), engine_tp(cfg))
+    return Distributed.from_env(ddp_timeout(cfg), engine_tp(UPFTConfig.from_cfg(cfg).sampling))
 
 
 def sample_first(cfg) -> None:
@@ -122,10 +123,11 @@ def worker_devices(cfg) -> list[list[str] | None]:
     the visible GPUs hold), each on its own engine_tp GPUs; on CPU no devices (null: one worker)."""
     import torch
 
-    setting = UPFTConfig.from_cfg(cfg).sampling.workers
+    sampling = UPFTConfig.from_cfg(cfg).sampling
+    setting = sampling.workers
     if not torch.cuda.is_available():
         return [None] * (setting or 1)
-    tp = engine_tp(cfg)
+    tp = engine_tp(sampling)
     visible = os.environ.get("CUDA_VISIBLE_DEVICES") or ",".join(map(str, range(torch.cuda.device_count())))
     visible = visible.split(",")
     count = setting or max(1, len(visible) // tp)
